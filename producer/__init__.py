@@ -1,0 +1,41 @@
+"""What an app imports to use coalesce: the client, its records and its errors."""
+
+from ._client import Client, Ticket, build_request
+from ._exceptions import (
+    CoalesceError,
+    ConfigError,
+    InvalidRequest,
+    RequestFailed,
+    RequestTimeout,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from ._keys import request_key
+from ._models import Answer, Request, Source
+from ._settings import Settings, get_settings, load_settings
+
+__all__ = [
+    "Answer",
+    "Client",
+    "CoalesceError",
+    "ConfigError",
+    "InvalidRequest",
+    "Request",
+    "RequestFailed",
+    "RequestTimeout",
+    "Settings",
+    "Source",
+    "Ticket",
+    "UpstreamBadResponse",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "build_request",
+    "get_settings",
+    "load_settings",
+    "request_key",
+]

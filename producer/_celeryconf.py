@@ -1,0 +1,34 @@
+"""Celery settings both sides must agree on (serialiser, queue, redelivery bound)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._settings import Settings
+
+TASK_NAME = "coalesce.ask"
+PLAIN_TASK_NAME = "coalesce.plain_ask"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_extended": False,
+        "result_expires": settings.result_expires_s,
+        "task_default_queue": settings.queue,
+        # Unacknowledged messages come back after this long, so a killed worker's requests
+        # are answered within minutes rather than Redis's default hour.
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "broker_connection_retry_on_startup": True,
+        "task_send_sent_event": True,
+    }

@@ -1,0 +1,132 @@
+"""Settings shared by producers and workers, read from ``COALESCE_*`` environment variables.
+
+Times are in seconds everywhere except ``WINDOW_MS``, which keeps the unit users tune it in.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ._exceptions import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
+
+# USD per million tokens (input, output). Override or extend with COALESCE_PRICES.
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+
+class Settings(BaseSettings):
+    """All knobs; each maps to ``COALESCE_<NAME>`` (listed in the README)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COALESCE_",
+        extra="ignore",
+        validate_default=True,
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    redis_url: str = DEFAULT_REDIS_URL
+    upstream_url: str = Field(
+        DEFAULT_UPSTREAM_URL,
+        validation_alias=AliasChoices("COALESCE_UPSTREAM_URL", "OPENAI_BASE_URL"),
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("COALESCE_UPSTREAM_API_KEY", "OPENAI_API_KEY")
+    )
+    queue: str = Field("coalesce", min_length=1)
+
+    window_ms: int = Field(200, ge=1, le=60_000)
+    max_batch: int = Field(16, ge=1, le=256)
+    max_batch_tokens: int = Field(6_000, ge=100)
+    max_prompt_chars: int = Field(20_000, ge=1)
+
+    upstream_timeout_s: float = Field(30.0, gt=0)
+    upstream_retries: int = Field(4, ge=0, le=20)
+    upstream_concurrency: int = Field(16, ge=1)
+    request_timeout_s: float = Field(75.0, gt=0)
+    visibility_timeout_s: float = Field(100.0, gt=0)
+    dedup_ttl_s: float = Field(300.0, ge=0)
+
+    worker_concurrency: int = Field(128, ge=1)
+    result_expires_s: int = Field(86_400, ge=60)
+    prices: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES)
+    )
+    log_prompts: bool = False
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _parse_prices(cls, value: object) -> object:
+        """Accept JSON like ``{"my-model": [0.2, 0.8]}``, merged over the defaults."""
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg})") from None
+            if not isinstance(value, dict):
+                raise ValueError('must be a JSON object like {"model": [input, output]}')
+            return {**DEFAULT_PRICES, **value}
+        return value
+
+    def check_worker(self) -> None:
+        """Cross-field rules a worker needs; named so the user knows what to change."""
+        if self.visibility_timeout_s <= self.request_timeout_s:
+            raise ConfigError(
+                "COALESCE_VISIBILITY_TIMEOUT_S must be greater than COALESCE_REQUEST_TIMEOUT_S "
+                f"({self.visibility_timeout_s} <= {self.request_timeout_s}); otherwise requests "
+                "still being answered are redelivered to another worker"
+            )
+        if self.worker_concurrency < 2 * self.max_batch:
+            raise ConfigError(
+                "COALESCE_WORKER_CONCURRENCY must be at least twice COALESCE_MAX_BATCH "
+                f"({self.worker_concurrency} < 2 x {self.max_batch}); each waiting request holds "
+                "a worker thread, so a smaller pool caps batches below MAX_BATCH"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's errors into one ConfigError naming each variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]).upper() if err["loc"] else "?"
+            name = field if field.startswith(("COALESCE_", "OPENAI_")) else f"COALESCE_{field}"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return load_settings()

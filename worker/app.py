@@ -1,0 +1,46 @@
+"""The Celery app: ``celery -A worker.app worker`` (or ``coalesce worker``) runs a worker.
+
+Each request is its own task, so Flower, events and the result backend see every request;
+the batching happens behind the task, in the process's collector. The pool is a thread pool
+because a task mostly waits for its batch: one slot per request in flight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+from celery.app import trace
+
+from producer import get_settings
+from producer._celeryconf import celery_config
+
+settings = get_settings()
+settings.check_worker()
+
+app = Celery("coalesce", include=["worker.tasks"])
+app.conf.update(celery_config(settings))
+app.conf.update(
+    worker_pool="threads",
+    worker_concurrency=settings.worker_concurrency,
+    # One message per slot: a reserved message's visibility clock runs while it waits.
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_send_task_events=True,
+    task_track_started=False,
+    worker_hijack_root_logger=False,
+)
+
+# Celery logs a task's return value on success; ours contains the model's answer.
+trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
+
+@signals.worker_shutting_down.connect
+def _flush_on_shutdown(**_: Any) -> None:
+    """Warm shutdown: send what the collector holds now so running tasks can finish."""
+    from .pipeline import current_pipeline
+
+    pipeline = current_pipeline()
+    if pipeline is not None:
+        pipeline.collector.flush_all()

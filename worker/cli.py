@@ -1,0 +1,121 @@
+"""The ``coalesce`` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from producer import CoalesceError
+
+app = typer.Typer(
+    help="coalesce: batch, dedup and account for LLM API calls behind a Celery queue.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print figures (not part of the test run).")
+app.add_typer(bench_app, name="bench")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Run a worker (same as ``celery -A worker.app worker -E``; extra options pass through)."""
+    from producer import load_settings
+
+    load_settings().check_worker()  # fail here, with the setting's name, not inside Celery
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-E", *ctx.args]
+    os.execv(sys.executable, argv)
+
+
+@app.command("fake-llm")
+def fake_llm(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Base latency per call.")] = 0.0,
+    latency_per_token_ms: Annotated[float, typer.Option(help="Extra latency per token.")] = 0.0,
+    noise: Annotated[float, typer.Option(help="Share of batched replies in other formats.")] = 0.0,
+    drop: Annotated[float, typer.Option(help="Share of batched replies missing an answer.")] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Share of calls answered 500.")] = 0.0,
+    malformed_rate: Annotated[float, typer.Option(help="Share of 200s with a bad body.")] = 0.0,
+    rate_limit: Annotated[float, typer.Option(help="Calls/s before 429 (0: none).")] = 0.0,
+    max_concurrency: Annotated[int, typer.Option(help="Calls served at once (0: any).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the noise and error draws.")] = 0,
+) -> None:
+    """Serve a deterministic OpenAI-compatible model for tests and the demo."""
+    from .fakellm import FakeConfig, serve
+
+    config = FakeConfig(
+        latency_ms=latency_ms,
+        latency_per_token_ms=latency_per_token_ms,
+        noise=noise,
+        drop=drop,
+        error_rate=error_rate,
+        malformed_rate=malformed_rate,
+        rate_limit=rate_limit,
+        max_concurrency=max_concurrency,
+        seed=seed,
+    )
+    typer.echo(f"fake upstream on http://{host}:{port}/v1", err=True)
+    serve(config, host=host, port=port)
+
+
+@app.command()
+def submit(
+    prompt: str,
+    model: Annotated[str, typer.Option(help="Model name, as the upstream knows it.")],
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.0,
+    max_tokens: Annotated[int | None, typer.Option(help="Answer length limit.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Tenant; never batched with others.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 120.0,
+) -> None:
+    """Enqueue one prompt, wait for its answer and print it as JSON."""
+    from producer import Client
+
+    with Client() as client:
+        ticket = client.submit(
+            prompt,
+            model=model,
+            system=system,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            tenant=tenant,
+        )
+        typer.echo(ticket.get(timeout=timeout).model_dump_json(indent=2))
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(help="How many requests to send.")] = 120,
+    latency_ms: Annotated[float, typer.Option(help="Fake upstream latency per call.")] = 300.0,
+) -> None:
+    """Start what is missing (Redis, fake upstream, a worker), send a burst, print the bill."""
+    from .demo import run_demo
+
+    run_demo(requests=requests, latency_ms=latency_ms)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    requests: Annotated[int, typer.Option(help="Requests per scenario and integration.")] = 1200,
+    workers: Annotated[int, typer.Option(help="Worker processes per integration.")] = 1,
+) -> None:
+    """Throughput and upstream calls: this pipeline against one plain task per request."""
+    from .bench import run_pipeline_bench
+
+    run_pipeline_bench(requests=requests, workers=workers)
+
+
+def main() -> None:
+    try:
+        app()
+    except CoalesceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
