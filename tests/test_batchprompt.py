@@ -311,39 +311,10 @@ def test_nonce_differs_between_batches() -> None:
 
 # --- properties --------------------------------------------------------------------------------
 
-WORDS = [
-    "the",
-    "model",
-    "batch",
-    "queue",
-    "river",
-    "paris",
-    "token",
-    "cache",
-    "retry",
-    "worker",
-    "value",
-    "seven",
-    "blue",
-    "fast",
-    "slow",
-    "under",
-    "over",
-    "with",
-    "from",
-    "into",
-    "python",
-    "rust",
-    "graph",
-    "tree",
-    "node",
-    "edge",
-    "answer",
-    "question",
-    "list",
-    "A1",
-    "Q3",
-]
+WORDS = (  # noqa: SIM905 - a sentence of words reads better than a column of them
+    "the model batch queue river paris token cache retry worker value seven blue fast slow "
+    "under over with from into python rust graph tree node edge answer question list A1 Q3"
+).split()
 CODE_LINES = ["x = 1", "print(x)", "for i in range(3):", "    total += i", "", "return total"]
 PREAMBLES = ["Sure! Here are the answers:", "Here are my answers.", "Of course.\n\nAnswering:"]
 SIGN_OFFS = [
@@ -537,6 +508,9 @@ def test_property_never_another_slots_text(
     batch: tuple[list[str], list[int]], reply: Reply, corruption: str, data: st.DataObject
 ) -> None:
     texts, order = batch
+    # A distinct first line per answer, so that text merged by a lost label cannot equal
+    # another answer by coincidence.
+    texts = [f"Ref {n}.\n{text}" for n, text in enumerate(texts, start=1)]
     blocks: list[tuple[int, str | None]] = [(n, texts[n - 1]) for n in order]
     for _ in range(data.draw(st.integers(1, 3), label="corruptions")):
         CORRUPTIONS[corruption](blocks, data, len(texts))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -11,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from producer import Client, InvalidRequest, RequestFailed, load_settings
+from producer import Client, InvalidRequest, RequestFailed
 from worker.fakellm import expected_answer
 
 pytestmark = pytest.mark.integration
@@ -38,10 +39,8 @@ def submit_concurrently(client: Client, jobs: list[dict]) -> list:
     barrier = threading.Barrier(min(len(jobs), 32))
 
     def one(job: dict):
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout=5)
-        except threading.BrokenBarrierError:
-            pass
         return client.submit(**job)
 
     with ThreadPoolExecutor(max_workers=32) as pool:
@@ -151,7 +150,9 @@ def test_upstream_failure_becomes_a_clear_error(fake_llm, worker_env, workers, c
 def test_rate_limited_upstream_is_retried_after_retry_after(fake_llm, worker_env, workers, client):
     fake = fake_llm(rate_limit=2.0)
     workers(worker_env(fake.url))
-    jobs = [{"prompt": f"Question {n}?", "model": MODELS[n % 3], "tenant": f"t{n}"} for n in range(6)]
+    jobs = [
+        {"prompt": f"Question {n}?", "model": MODELS[n % 3], "tenant": f"t{n}"} for n in range(6)
+    ]
     answers = [t.get(timeout=60) for t in submit_concurrently(client, jobs)]
     for job, answer in zip(jobs, answers, strict=True):
         assert answer.text == expected_answer(job["model"], None, job["prompt"])

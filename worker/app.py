@@ -36,6 +36,16 @@ app.conf.update(
 trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 
+@signals.worker_ready.connect
+def _warm_up(**_: Any) -> None:
+    """Build the pipeline (tokenizer, Redis scripts, HTTP pool) before the first request waits."""
+    from .pipeline import get_pipeline
+    from .tokens import count_tokens
+
+    get_pipeline(settings)
+    count_tokens("warm up")
+
+
 @signals.worker_shutting_down.connect
 def _flush_on_shutdown(**_: Any) -> None:
     """Warm shutdown: send what the collector holds now so running tasks can finish."""

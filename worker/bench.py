@@ -6,6 +6,8 @@ Redis, one after the other, so their figures are comparable on a shared, noisy m
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from producer import Client, load_settings
 from producer._celeryconf import PLAIN_TASK_NAME, celery_config
 
 from .baseline import PLAIN_QUEUE
-from .procs import Proc, _spawn, start_fake_llm, start_redis, start_worker, wait_for_workers
+from .procs import Proc, spawn, start_fake_llm, start_redis, start_worker, wait_for_workers
 from .stats import Stats, fallback_share
 from .workload import WorkItem, distinct_questions
 
@@ -94,13 +96,27 @@ def _run_plain(redis_url: str, items: list[WorkItem]) -> None:
 
 
 def _start_plain_workers(env: dict[str, str], count: int, concurrency: int) -> list[Proc]:
-    import sys
-
     return [
-        _spawn(
-            [sys.executable, "-m", "celery", "-A", "worker.baseline", "worker", "-Q", PLAIN_QUEUE,
-             "-c", str(concurrency), "-n", f"plain{n}@%h", "--without-gossip", "--without-mingle",
-             "-E", "--loglevel", "WARNING"],
+        spawn(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.baseline",
+                "worker",
+                "-Q",
+                PLAIN_QUEUE,
+                "-c",
+                str(concurrency),
+                "-n",
+                f"plain{n}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "-E",
+                "--loglevel",
+                "WARNING",
+            ],
             env=env,
             log_name=f"plain{n}",
         )
@@ -116,7 +132,7 @@ def run_pipeline_bench(*, requests: int, workers: int, plain_concurrency: int = 
         fake = start_fake_llm(noise=0.2, drop=0.02, seed=3)
         procs.append(fake)
         env = {"COALESCE_REDIS_URL": redis_proc.url, "COALESCE_UPSTREAM_URL": fake.url}
-        procs += [start_worker(env, name=f"pipe{n}") for n in range(workers)]
+        procs += [start_worker(env, name=f"pipe{n}", loglevel="WARNING") for n in range(workers)]
         procs += _start_plain_workers(env, workers, plain_concurrency)
         wait_for_workers(redis_proc.url, 2 * workers, timeout=60)
         stats = Stats(redis.Redis.from_url(redis_proc.url))
@@ -129,10 +145,10 @@ def run_pipeline_bench(*, requests: int, workers: int, plain_concurrency: int = 
             items = distinct_questions(requests, models=MODELS, seed=100 + index)
             _configure(fake, scenario)
             stats.reset()
-            ours = _timed(fake, lambda: _run_pipeline(redis_proc.url, items), requests)
+            ours = _timed(fake, functools.partial(_run_pipeline, redis_proc.url, items), requests)
             shares = {m: fallback_share(c) for m, c in stats.read().items()}
             _configure(fake, scenario)
-            plain = _timed(fake, lambda: _run_plain(redis_proc.url, items), requests)
+            plain = _timed(fake, functools.partial(_run_plain, redis_proc.url, items), requests)
             _print(scenario, ours, plain, shares)
     finally:
         for proc in reversed(procs):
@@ -141,13 +157,11 @@ def run_pipeline_bench(*, requests: int, workers: int, plain_concurrency: int = 
 
 def _print(scenario: Scenario, ours: Result, plain: Result, shares: dict[str, float]) -> None:
     typer.echo(scenario.name)
-    typer.echo(
-        f"  coalesce  {ours.rate:8.1f} req/s  {ours.calls:6d} upstream calls  ({ours.seconds:.1f} s)"
-    )
-    typer.echo(
-        f"  plain     {plain.rate:8.1f} req/s  {plain.calls:6d} upstream calls  "
-        f"({plain.seconds:.1f} s)"
-    )
+    for name, result in (("coalesce", ours), ("plain", plain)):
+        typer.echo(
+            f"  {name:8s}  {result.rate:8.1f} req/s  {result.calls:6d} upstream calls  "
+            f"({result.seconds:.1f} s)"
+        )
     typer.echo(
         f"  ratio     {ours.rate / plain.rate:8.2f}x throughput, "
         f"{ours.calls / max(1, plain.calls):.3f}x calls"

@@ -100,8 +100,8 @@ def demo(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    requests: Annotated[int, typer.Option(help="Requests per scenario and integration.")] = 1200,
-    workers: Annotated[int, typer.Option(help="Worker processes per integration.")] = 1,
+    requests: Annotated[int, typer.Option(help="Requests per scenario and integration.")] = 2000,
+    workers: Annotated[int, typer.Option(help="Worker processes per integration.")] = 2,
 ) -> None:
     """Throughput and upstream calls: this pipeline against one plain task per request."""
     from .bench import run_pipeline_bench

@@ -66,7 +66,9 @@ class Collector:
         self._groups: dict[GroupKey, _Group] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="coalesce-collector", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_loop, name="coalesce-collector", daemon=True
+        )
         self._upstream_factory = upstream_factory
         self._upstream: Upstream | None = None
         self._thread.start()
@@ -77,7 +79,9 @@ class Collector:
         self._loop.run_forever()
 
     # -- called from task threads -------------------------------------------------------
-    def submit(self, request: Request, key: str, deadline: float) -> concurrent.futures.Future[Answer]:
+    def submit(
+        self, request: Request, key: str, deadline: float
+    ) -> concurrent.futures.Future[Answer]:
         item = _Item(request, key, count_tokens(request.prompt), deadline)
         self._loop.call_soon_threadsafe(self._add, item)
         return item.future
@@ -113,9 +117,7 @@ class Collector:
         if len(group.items) >= limit or group.tokens >= self.settings.max_batch_tokens:
             self._flush(gkey)
         elif group.timer is None:
-            group.timer = self._loop.call_later(
-                self.settings.window_ms / 1000, self._flush, gkey
-            )
+            group.timer = self._loop.call_later(self.settings.window_ms / 1000, self._flush, gkey)
 
     def _flush(self, gkey: GroupKey) -> None:
         group = self._groups.pop(gkey, None)
@@ -178,7 +180,9 @@ class Collector:
         try:
             completion = await self.upstream.chat(
                 model=gkey.model,
-                messages=build_batch_messages([i.request.prompt for i in items], system=gkey.system),
+                messages=build_batch_messages(
+                    [i.request.prompt for i in items], system=gkey.system
+                ),
                 temperature=gkey.temperature,
                 max_tokens=None if per_answer is None else per_answer * len(items),
                 deadline=min(i.deadline for i in items),
@@ -195,7 +199,9 @@ class Collector:
         if self._on_batch is not None:
             self._on_batch(gkey.model, len(items), len(fallbacks))
         if fallbacks:
-            log.info("batch %s: %d of %d answers re-sent singly", batch_id, len(fallbacks), len(items))
+            log.info(
+                "batch %s: %d of %d answers re-sent singly", batch_id, len(fallbacks), len(items)
+            )
             await asyncio.gather(*(self._send_single(item) for item in fallbacks))
 
     @staticmethod

@@ -58,7 +58,9 @@ def run_demo(*, requests: int, latency_ms: float) -> None:
         answers, elapsed, latencies = _send(Client(settings=client_settings), items)
         stats = httpx.get(fake.url.removesuffix("/v1") + "/stats", timeout=5).json()
         _report(items, answers, stats, elapsed, latencies, settings.prices)
-        _say(f"\nWatch it live: celery --broker={redis_url} flower  (then open http://localhost:5555)")
+        _say(
+            f"\nWatch it live: celery --broker={redis_url} flower  (then open http://localhost:5555)"
+        )
 
 
 def _send(client: Client, items: list[WorkItem]) -> tuple[list[Answer], float, list[float]]:
@@ -95,16 +97,27 @@ def _report(
     baseline = base_prompt + base_completion
     rows = [
         ("requests", f"{len(items)} ({len(set(items))} distinct)"),
-        ("answered", f"{len(answers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))),
+        (
+            "answered",
+            f"{len(answers)}: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())),
+        ),
         ("upstream calls", f"{stats['calls']} (one call per request would be {len(items)})"),
-        ("tokens billed", f"{billed:,} (prompt {stats['prompt_tokens']:,}, "
-                          f"completion {stats['completion_tokens']:,})"),
-        ("one call per request", f"{baseline:,} tokens (prompt {base_prompt:,}, "
-                                 f"completion {base_completion:,})"),
+        (
+            "tokens billed",
+            f"{billed:,} (prompt {stats['prompt_tokens']:,}, "
+            f"completion {stats['completion_tokens']:,})",
+        ),
+        (
+            "one call per request",
+            f"{baseline:,} tokens (prompt {base_prompt:,}, completion {base_completion:,})",
+        ),
         ("tokens saved", f"{1 - billed / baseline:.1%}" if baseline else "n/a"),
         ("cost", f"${our_cost:.6f} against ${base_cost:.6f} one call per request"),
-        ("time", f"{elapsed:.2f} s for the burst; median answer after "
-                 f"{statistics.median(latencies):.2f} s"),
+        (
+            "time",
+            f"{elapsed:.2f} s for the burst; median answer after "
+            f"{statistics.median(latencies):.2f} s",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

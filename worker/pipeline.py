@@ -46,7 +46,6 @@ class Pipeline:
         """This request's answer; raises an UpstreamError or RequestFailed when there is none."""
         key = request_key(request)
         deadline = time.monotonic() + self.settings.request_timeout_s
-        self.stats.add(request.model, requests=1)
         while True:
             claim = self.dedup.claim(key, task_id)
             if claim.answer is not None:

@@ -1,4 +1,4 @@
-"""Child processes the demo, the benchmarks and the tests start: redis-server, fake upstream, workers.
+"""Child processes for the demo, benchmarks and tests: redis-server, fake upstream, workers.
 
 Each is a real process on a free loopback port; :class:`Proc` stops it (and its children).
 """
@@ -76,7 +76,7 @@ class Proc:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_name: str) -> Proc:
+def spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_name: str) -> Proc:
     log_dir = Path(tempfile.mkdtemp(prefix="coalesce-"))
     log_path = log_dir / f"{log_name}.log"
     with log_path.open("wb") as log_file:
@@ -101,9 +101,22 @@ def start_redis(port: int | None = None) -> Proc:
         )
     port = port or free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="coalesce-redis-"))
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-            "no", "--dir", str(data_dir), "--protected-mode", "yes"]
-    proc = _spawn(argv, log_name="redis")
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--protected-mode",
+        "yes",
+    ]
+    proc = spawn(argv, log_name="redis")
     proc.cleanup.append(data_dir)
     proc.url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(proc.url)
@@ -126,7 +139,7 @@ def start_fake_llm(port: int | None = None, **knobs: float | int) -> Proc:
     argv = [sys.executable, "-m", "worker.cli", "fake-llm", "--port", str(port)]
     for name, value in knobs.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
-    proc = _spawn(argv, log_name="fake-llm")
+    proc = spawn(argv, log_name="fake-llm")
     proc.url = f"http://127.0.0.1:{port}/v1"
     try:
         wait_until(
@@ -142,16 +155,34 @@ def start_fake_llm(port: int | None = None, **knobs: float | int) -> Proc:
 
 
 def start_worker(
-    env: Mapping[str, str], *, name: str = "w1", queues: str | None = None, concurrency: int | None = None
+    env: Mapping[str, str],
+    *,
+    name: str = "w1",
+    queues: str | None = None,
+    concurrency: int | None = None,
+    loglevel: str = "INFO",
 ) -> Proc:
     """A real Celery worker process (``celery -A worker.app worker``) with the given settings."""
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", f"{name}@%h",
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-E"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "-E",
+    ]
     if queues:
         argv += ["-Q", queues]
     if concurrency:
         argv += ["-c", str(concurrency)]
-    return _spawn(argv, env=env, log_name=f"worker-{name}")
+    return spawn(argv, env=env, log_name=f"worker-{name}")
 
 
 def wait_for_workers(redis_url: str, count: int, *, timeout: float = 30.0) -> None:

@@ -7,7 +7,7 @@ from collections import defaultdict
 import redis
 
 KEY = "coalesce:stats"
-FIELDS = ("requests", "dedup", "batches", "batched_items", "fallbacks")
+FIELDS = ("dedup", "batches", "batched_items", "fallbacks")
 
 
 class Stats:
@@ -28,7 +28,8 @@ class Stats:
         """``{model: {field: count}}`` plus a derived ``fallback_share`` per model."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         for raw_field, raw_value in self._redis.hgetall(KEY).items():
-            model, _, name = raw_field.decode().rpartition("|")
+            text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+            model, _, name = text.rpartition("|")
             out[model][name] = int(raw_value)
         return dict(out)
 

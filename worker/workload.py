@@ -47,20 +47,21 @@ def support_burst(
         if items and rng.random() < repeat_share:
             items.append(rng.choice(items))
             continue
-        topic = _TOPICS[index % len(_TOPICS)].format(n=10_000 + index)
-        prompt = f"{rng.choice(_OPENERS)} {topic}?"
+        prompt = _question(rng, index, 10_000 + index)
         items.append(WorkItem(prompt, models[index % len(models)], SUPPORT_SYSTEM))
     return items
+
+
+def _question(rng: random.Random, index: int, number: int) -> str:
+    topic = _TOPICS[index % len(_TOPICS)]
+    text = f"{rng.choice(_OPENERS)} {topic.format(n=number)}?"
+    return text if "{n}" in topic else f"{text} My customer number is {number}."
 
 
 def distinct_questions(count: int, *, models: list[str], seed: int = 11) -> list[WorkItem]:
     """``count`` different questions (no repeats), for throughput figures that dedup can't help."""
     rng = random.Random(seed)
     return [
-        WorkItem(
-            f"{rng.choice(_OPENERS)} {_TOPICS[i % len(_TOPICS)].format(n=20_000 + i)}?",
-            models[i % len(models)],
-            SUPPORT_SYSTEM,
-        )
+        WorkItem(_question(rng, i, 20_000 + i), models[i % len(models)], SUPPORT_SYSTEM)
         for i in range(count)
     ]
