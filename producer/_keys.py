@@ -28,7 +28,7 @@ def canonical_fields(request: Request) -> dict[str, object]:
         "model": request.model,
         "system": _text(request.system),
         "prompt": _text(request.prompt),
-        "temperature": float(request.temperature),
+        "temperature": float(request.temperature) + 0.0,  # + 0.0 turns -0.0 into 0.0
         "max_tokens": request.max_tokens,
     }
 

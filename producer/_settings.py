@@ -6,6 +6,7 @@ Times are in seconds everywhere except ``WINDOW_MS``, which keeps the unit users
 from __future__ import annotations
 
 import functools
+import os
 from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -120,10 +121,27 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]).upper() if err["loc"] else "?"
-            name = field if field.startswith(("COALESCE_", "OPENAI_")) else f"COALESCE_{field}"
+            name = _variable(str(err["loc"][0])) if err["loc"] else "?"
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _variable(loc: str) -> str:
+    """The environment variable behind an error's ``loc``.
+
+    Pydantic reports a field with alias choices under its first alias, whichever one was
+    set, so name the alias actually present in the environment (the first one if several).
+    """
+    name = loc.upper()
+    present = {variable.upper() for variable in os.environ}
+    for info in Settings.model_fields.values():
+        alias = info.validation_alias
+        if not isinstance(alias, AliasChoices):
+            continue
+        choices = [choice.upper() for choice in alias.choices if isinstance(choice, str)]
+        if name in choices:
+            return next((choice for choice in choices if choice in present), name)
+    return name if name.startswith(("COALESCE_", "OPENAI_")) else f"COALESCE_{name}"
 
 
 @functools.cache

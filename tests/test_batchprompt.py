@@ -142,6 +142,19 @@ def test_unclosed_fence_after_last_label_keeps_earlier_answers() -> None:
     assert parse_answers(reply, 2) == ["Paris", "Here:\n```python\nprint(1)"]
 
 
+def test_echoed_question_voids_the_answer_it_sits_in() -> None:
+    # Q2's text would otherwise reach the user who asked Q1.
+    reply = "**Q1: Capital of France?**\nA1: Paris\n\n**Q2: Capital of Germany?**\nA2: Berlin"
+    assert parse_answers(reply, 2) == [None, "Berlin"]
+    assert parse_answers("A1: Paris\n=== Q2 abc ===\nA2: Berlin", 2) == [None, "Berlin"]
+    assert parse_answers("A1: Paris\nA2: Berlin\n=== END abc ===", 2) == ["Paris", None]
+
+
+def test_question_labels_inside_code_are_answer_text() -> None:
+    reply = "A1: A quiz file:\n```\nQ1: 2+2?\nQ2: 3+3?\n```\nA2: Berlin"
+    assert parse_answers(reply, 2) == ["A quiz file:\n```\nQ1: 2+2?\nQ2: 3+3?\n```", "Berlin"]
+
+
 def test_shuffled_order() -> None:
     reply = "A3: Rome\nA1: Paris\nA2: Berlin"
     assert parse_answers(reply, 3) == ["Paris", "Berlin", "Rome"]
@@ -367,7 +380,7 @@ def blocks(draw: st.DrawFn) -> str:
 def answers(draw: st.DrawFn) -> str:
     text = "\n".join(draw(st.lists(blocks(), min_size=1, max_size=5))).strip()
     assume(text)
-    assume(not any(looks_like_label(line) for line in text.splitlines()))
+    assume(is_batch_safe(text))
     return text
 
 
@@ -381,9 +394,9 @@ class Style:
     inline: bool  # the answer starts on the label's own line
     quoted: bool = False
 
-    def render(self, n: int, answer: str | None) -> str:
-        """One answer block; ``answer=None`` leaves a label with no text, ``n<0`` no label."""
-        text = _quote(answer or "") if self.quoted else answer or ""
+    def render(self, n: int, answer: str) -> str:
+        """One answer block; a negative ``n`` leaves the answer without its label."""
+        text = _quote(answer) if self.quoted else answer
         if n < 0:
             return text
         label = self.label.format(n=n)
@@ -425,7 +438,7 @@ class Reply:
     sign_off: str | None
     gap: str
 
-    def render(self, blocks: list[tuple[int, str | None]]) -> str:
+    def render(self, blocks: list[tuple[int, str]]) -> str:
         body = self.gap.join(self.style.render(n, text) for n, text in blocks)
         if self.preamble is not None:
             body = f"{self.preamble}\n\n{body}"
@@ -467,16 +480,32 @@ def test_property_dropped_answers_are_none(
     assert parse_answers(text, len(texts)) == expected
 
 
-Corruption = Callable[[list[tuple[int, str | None]], st.DataObject, int], None]
+Corruption = Callable[[list[tuple[int, str]], st.DataObject, int], None]
 
 
-def _duplicate(blocks: list[tuple[int, str | None]], data: st.DataObject, count: int) -> None:
+def _duplicate(blocks: list[tuple[int, str]], data: st.DataObject, count: int) -> None:
     n = data.draw(st.integers(1, count), label="duplicated label")
-    text = data.draw(st.sampled_from(["evil", *(t for _, t in blocks if t)]), label="its text")
+    text = data.draw(st.sampled_from(["evil", *(t for _, t in blocks)]), label="its text")
     blocks.insert(data.draw(st.integers(0, len(blocks)), label="at"), (n, text))
 
 
-def _delete_label(blocks: list[tuple[int, str | None]], data: st.DataObject, count: int) -> None:
+def _echo(blocks: list[tuple[int, str]], data: st.DataObject, count: int) -> None:
+    """A model quoting a user: a label line inside an answer's text, outside its code."""
+    at = data.draw(st.integers(0, len(blocks) - 1), label="echoing block")
+    n, text = blocks[at]
+    lines = text.split("\n")
+    outside_code = [
+        k
+        for k in range(1, len(lines) + 1)
+        if sum(line.startswith("```") for line in lines[:k]) % 2 == 0
+    ]
+    k = data.draw(st.sampled_from(outside_code), label="after line")
+    echo = data.draw(st.sampled_from(["A{n}: evil", "**A{n}:** evil", "Answer {n}: evil"]))
+    lines.insert(k, echo.format(n=data.draw(st.integers(0, count + 1), label="echoed label")))
+    blocks[at] = (n, "\n".join(lines))
+
+
+def _delete_label(blocks: list[tuple[int, str]], data: st.DataObject, count: int) -> None:
     # At least one label stays: with none, the numbered-list fallback reads the answers' own
     # lists, which is a different test.
     labelled = [i for i, (n, _) in enumerate(blocks) if n >= 0]
@@ -485,10 +514,10 @@ def _delete_label(blocks: list[tuple[int, str | None]], data: st.DataObject, cou
         blocks[at] = (-1, blocks[at][1])
 
 
-def _relabel(blocks: list[tuple[int, str | None]], data: st.DataObject, count: int) -> None:
+def _relabel(blocks: list[tuple[int, str]], data: st.DataObject, count: int) -> None:
     # Once only: relabelling A1 as A2 and A2 as A1 is a shuffled order, which no parser can
     # tell from the real thing. One relabel always leaves a duplicate or out-of-range label.
-    if any(n != (i + 1) for i, (n, _) in enumerate(sorted(blocks))):
+    if sorted(n for n, _ in blocks) != list(range(1, count + 1)):
         return
     at = data.draw(st.integers(0, len(blocks) - 1), label="relabelled block")
     old = blocks[at][0]
@@ -498,6 +527,7 @@ def _relabel(blocks: list[tuple[int, str | None]], data: st.DataObject, count: i
 
 CORRUPTIONS: dict[str, Corruption] = {
     "duplicate": _duplicate,
+    "echo": _echo,
     "delete label": _delete_label,
     "relabel": _relabel,
 }
@@ -511,15 +541,14 @@ def test_property_never_another_slots_text(
     # A distinct first line per answer, so that text merged by a lost label cannot equal
     # another answer by coincidence.
     texts = [f"Ref {n}.\n{text}" for n, text in enumerate(texts, start=1)]
-    blocks: list[tuple[int, str | None]] = [(n, texts[n - 1]) for n in order]
+    blocks: list[tuple[int, str]] = [(n, texts[n - 1]) for n in order]
     for _ in range(data.draw(st.integers(1, 3), label="corruptions")):
         CORRUPTIONS[corruption](blocks, data, len(texts))
     slots = parse_answers(reply.render(blocks), len(texts))
     for i, slot in enumerate(slots):
         if slot is None:
             continue
-        for j, other in enumerate(texts):
-            assert j == i or slot != other or other == texts[i]
+        assert slot not in texts[:i] + texts[i + 1 :]
         if corruption == "delete label":
             # The unlabelled text joins the answer before it; it is never passed off alone.
             # (A quote block broken by a bare `---` is not unquoted: it keeps its `>` marks.)

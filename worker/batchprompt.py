@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,22 +70,22 @@ def build_single_messages(prompt: str, *, system: str | None) -> list[dict[str, 
 # whitespace, or ends the line. `[A1]` needs no separator and takes only `:` (so `[A1] - x` keeps
 # its bullet). Everything else is answer text.
 
-_PREFIX = r"^[ \t]*(?P<quote>(?:>[ \t]?)+)?[ \t]*(?:\#{1,6}[ \t]+)?"
+_PREFIX = r"^[ \t]*+(?P<quote>(?:>[ \t]*+)++)?(?:\#{1,6}[ \t]++)?"
 _MARK = r"[*_]{1,3}"
-_SEP = r"[ \t]*[:.)\-\u2013\u2014]"
+_SEP = r"[ \t]*+[:.)\-\u2013\u2014]"
 _ANSWER_WORDS = (
-    r"answer[ \t]+(?:to|for)[ \t]+(?:question[ \t]*(?:\#[ \t]*)?|q)"
-    r"|answer[ \t]*(?:\#[ \t]*)?"
+    r"answer[ \t]++(?:to|for)[ \t]++(?:question[ \t]*+(?:\#[ \t]*+)?|q)"
+    r"|answer[ \t]*+(?:\#[ \t]*+)?"
     r"|a"
 )
-_QUESTION_WORDS = r"question[ \t]*(?:\#[ \t]*)?|q"
+_QUESTION_WORDS = r"question[ \t]*+(?:\#[ \t]*+)?|q"
 
 
 def _label_pattern(words: str) -> re.Pattern[str]:
     return re.compile(
         rf"{_PREFIX}(?P<open>{_MARK})?(?P<lb>\[)?(?:{words})(?:(?P<num>\d+)|\[(?P<bnum>\d+)\])"
-        rf"(?(lb)\])(?P<close>{_MARK})?(?:(?P<sep>(?(lb)[ \t]*:|{_SEP}))(?P<close2>{_MARK})?)?"
-        r"(?:[ \t]+(?P<rest>.*)|[ \t]*)$",
+        rf"(?(lb)\])(?P<close>{_MARK})?(?:(?P<sep>(?(lb)[ \t]*+:|{_SEP}))(?P<close2>{_MARK})?)?"
+        r"(?:[ \t]++(?P<rest>.*)|[ \t]*+)$",
         re.IGNORECASE,
     )
 
@@ -92,10 +93,10 @@ def _label_pattern(words: str) -> re.Pattern[str]:
 _ANSWER_RE = _label_pattern(_ANSWER_WORDS)
 _QUESTION_RE = _label_pattern(_QUESTION_WORDS)
 # A top-level numbered list item, the fallback when a reply has no labels at all.
-_ITEM_RE = re.compile(r"^(?P<num>\d+)[.):](?:[ \t]+(?P<rest>.*)|[ \t]*)$")
-_FENCE_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+_ITEM_RE = re.compile(r"^(?P<num>\d++)[.):](?:[ \t]++(?P<rest>.*)|[ \t]*+)$")
+_FENCE_RE = re.compile(r"^[ \t]*+(?:>[ \t]*+)*+(?P<fence>`{3,}+|~{3,}+)(?P<info>.*)$")
 _QUOTE_RE = re.compile(r"^[ \t]*>[ \t]?")
-_RULE_RE = re.compile(r"^[ \t]*(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})$")
+_RULE_RE = re.compile(r"^[ \t]*+(?:(?:-[ \t]*+){3,}+|(?:\*[ \t]*+){3,}+|(?:_[ \t]*+){3,}+)$")
 _SIGN_OFF_RE = re.compile(
     r"^[\W_]*(?:"
     r"(?:i[ \t]+)?hope[ \t]+(?:this|these|that|it|my[ \t]+answers?)\b"
@@ -112,8 +113,8 @@ _SIGN_OFF_RE = re.compile(
 _SIGN_OFF_MAX_LINES = 3
 _SIGN_OFF_MAX_CHARS = 300
 # For is_batch_safe: list markers a model might drop when quoting, and the prompt's own markers.
-_LIST_MARK_RE = re.compile(r"^[ \t]*(?:[-*+\u2022]|\d+[.)])[ \t]+")
-_MARKER_TEXT_RE = re.compile(r"={2,}[ \t]*(?:q[ \t]*\[?\d|end\b)", re.IGNORECASE)
+_LIST_MARK_RE = re.compile(r"^[ \t]*+(?:[-*+\u2022]|\d++[.)])[ \t]+")
+_MARKER_TEXT_RE = re.compile(r"(?<!=)={2,}+[ \t]*+(?:q[ \t]*+\[?\d|end\b)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,16 @@ class _Label:
     quoted: bool
 
 
-_Matcher = Callable[[int, str], "_Label | None"]
+@dataclass(frozen=True)
+class _Scan:
+    """What a pass over the reply's lines found, code blocks told apart from the rest."""
+
+    labels: list[_Label]  # outside fenced code blocks
+    shadows: list[_Label]  # label-like lines inside fenced code blocks
+    echoes: list[int]  # lines outside code blocks that look like question labels or markers
+
+
+_Matcher = Callable[[int, str], _Label | None]
 
 
 def _match(pattern: re.Pattern[str], line: str) -> re.Match[str] | None:
@@ -201,31 +211,42 @@ def _closes_fence(line: str, fence: str) -> bool:
     )
 
 
-def _scan(lines: list[str], matcher: _Matcher) -> tuple[list[_Label], list[_Label]]:
-    """Labels outside fenced code blocks, and the label-like lines inside them ("shadows")."""
-    labels: list[_Label] = []
-    shadows: list[_Label] = []
+def _is_echo(line: str) -> bool:
+    """A question label or marker line: the model echoing a question, maybe another user's."""
+    return _looks_like_question_label(line) or _MARKER_TEXT_RE.search(line) is not None
+
+
+def _scan(lines: list[str], matcher: _Matcher) -> _Scan:
+    """Find labels, shadows and echoes, tracking fenced code blocks."""
+    found = _Scan([], [], [])
     fence: str | None = None
     for index, line in enumerate(lines):
         if fence is not None:
             if _closes_fence(line, fence):
                 fence = None
             elif (shadow := matcher(index, line)) is not None:
-                shadows.append(shadow)
+                found.shadows.append(shadow)
             continue
         label = matcher(index, line)
         if label is not None:
-            labels.append(label)
+            found.labels.append(label)
             fence = _fence_opener(label.rest)  # `A1: ```python` opens a block too
-        else:
-            fence = _fence_opener(line)
-    return labels, shadows
+            continue
+        if _is_echo(line):
+            found.echoes.append(index)
+        fence = _fence_opener(line)
+    return found
+
+
+def _is_break(line: str) -> bool:
+    """A blank line or a horizontal rule: what separates a sign-off from the answer."""
+    return not line.strip() or _RULE_RE.match(line) is not None
 
 
 def _sign_off_start(lines: list[str]) -> int | None:
     """Where a trailing sign-off paragraph begins, if ``lines`` end with one after real text."""
-    breaks = [i for i, line in enumerate(lines) if not line.strip() or _RULE_RE.match(line)]
-    boundary = breaks[-1] if breaks else None
+    breaks = (i for i in reversed(range(len(lines))) if _is_break(lines[i]))
+    boundary = next(breaks, None)
     if boundary is None:
         return None
     tail = lines[boundary + 1 :]
@@ -234,7 +255,7 @@ def _sign_off_start(lines: list[str]) -> int | None:
         return None
     if not _SIGN_OFF_RE.match(paragraph):
         return None
-    has_content = any(line.strip() and not _RULE_RE.match(line) for line in lines[:boundary])
+    has_content = any(not _is_break(lines[i]) for i in range(boundary))
     return boundary if has_content else None
 
 
@@ -262,22 +283,23 @@ def _span_text(label: _Label, body: list[str], *, last: bool) -> str:
     return "\n".join(lines).strip()
 
 
-def _assign(
-    labels: list[_Label], shadows: list[_Label], lines: list[str], count: int
-) -> list[str | None]:
+def _assign(found: _Scan, lines: list[str], count: int) -> list[str | None]:
     """Slot texts from label positions; any slot whose boundaries are in doubt stays None."""
+    labels = found.labels
     seen = Counter(label.number for label in labels)
     bad = {n for n, times in seen.items() if times > 1 or not 1 <= n <= count}
     # A label hidden in a code block while missing outside may have been swallowed by an
-    # unclosed fence: the answer around it may hold another answer's text.
-    hidden = [s.line for s in shadows if 1 <= s.number <= count and s.number not in seen]
+    # unclosed fence, and an echoed question may be another user's: either way the text
+    # around it is not one answer for sure.
+    hidden = [s.line for s in found.shadows if 1 <= s.number <= count and s.number not in seen]
+    doubtful = sorted([*hidden, *found.echoes])
     slots: list[str | None] = [None] * count
     for i, label in enumerate(labels):
         following = labels[i + 1] if i + 1 < len(labels) else None
         end = following.line if following is not None else len(lines)
         if label.number in bad or (following is not None and following.number in bad):
             continue
-        if any(label.line < line < end for line in hidden):
+        if bisect_right(doubtful, label.line) < bisect_left(doubtful, end):
             continue
         text = _span_text(label, lines[label.line + 1 : end], last=following is None)
         slots[label.number - 1] = text or None
@@ -286,23 +308,24 @@ def _assign(
 
 def _numbered_fallback(lines: list[str], count: int) -> list[str | None]:
     """A plain top-level numbered list, trusted only if it numbers exactly 1..count once each."""
-    items, _ = _scan(lines, _list_item)
-    if sorted(item.number for item in items) != list(range(1, count + 1)):
+    found = _scan(lines, _list_item)
+    if sorted(item.number for item in found.labels) != list(range(1, count + 1)):
         return [None] * count
-    return _assign(items, [], lines, count)
+    return _assign(found, lines, count)
 
 
 def parse_answers(text: str, count: int) -> list[str | None]:
     """Map a reply to a combined prompt back to ``count`` slots; None wherever in doubt.
 
-    A slot is None when its label is missing, repeated, or its text is cut by a repeated or
-    out-of-range label, or when it is empty: a None is re-sent on its own, while a wrong
-    answer would reach the wrong user.
+    A slot is None when its label is missing or repeated, when its text is cut by a repeated
+    or out-of-range label, holds an echoed question label or marker line, or may hide a label
+    in an unclosed code block, or when it is empty: a None is re-sent on its own, while a
+    wrong answer would reach the wrong user.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    labels, shadows = _scan(lines, _answer_label)
-    if labels:
-        return _assign(labels, shadows, lines, count)
+    found = _scan(lines, _answer_label)
+    if found.labels:
+        return _assign(found, lines, count)
     return _numbered_fallback(lines, count)

@@ -33,6 +33,9 @@ LABEL_TOKENS = 8
 
 BatchHook = Callable[[str, int, int], None]
 
+# How long the constructor waits for the loop thread to build its upstream and start running.
+STARTUP_TIMEOUT_S = 30.0
+
 
 @dataclass
 class _Item:
@@ -71,11 +74,26 @@ class Collector:
         )
         self._upstream_factory = upstream_factory
         self._upstream: Upstream | None = None
+        self._started = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._closed = False
         self._thread.start()
+        # Return only once the loop runs, so close() always finds a running loop to drain.
+        if not self._started.wait(STARTUP_TIMEOUT_S):
+            self._loop.call_soon_threadsafe(self._loop.stop)  # don't leave it running if it starts
+            raise RuntimeError(f"collector loop did not start within {STARTUP_TIMEOUT_S} s")
+        if self._startup_error is not None:
+            raise RuntimeError("collector upstream factory failed") from self._startup_error
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._upstream = self._upstream_factory()
+        try:
+            self._upstream = self._upstream_factory()
+        except BaseException as exc:
+            self._startup_error = exc
+            self._started.set()
+            return
+        self._loop.call_soon(self._started.set)  # runs once run_forever() has started
         self._loop.run_forever()
 
     # -- called from task threads -------------------------------------------------------
@@ -98,8 +116,12 @@ class Collector:
             if self._upstream is not None:
                 await self._upstream.aclose()
 
-        if self._loop.is_running():
+        if self._closed:
+            return
+        self._closed = True
+        try:
             asyncio.run_coroutine_threadsafe(_drain(), self._loop).result(timeout + 5)
+        finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
 

@@ -50,9 +50,12 @@ end
 return #waiters
 """
 
-# KEYS: claim. ARGV: task id, ttl ms. Extends the claim only while we still hold it.
+# KEYS: claim, waiters. ARGV: task id, claim ttl ms, waiters ttl ms. Extends the claim only
+# while we still hold it, and the waiters set with it, so a long-running leader's followers
+# are still registered when it settles.
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
@@ -80,6 +83,7 @@ class Dedup:
         self._redis = client
         self.answer_ttl_ms = int(answer_ttl_s * 1000)
         self.claim_ttl_ms = int(claim_ttl_s * 1000)
+        self.waiters_ttl_ms = self.claim_ttl_ms * 4
         self._claim = client.register_script(_CLAIM)
         self._settle = client.register_script(_SETTLE)
         self._refresh = client.register_script(_REFRESH)
@@ -97,8 +101,13 @@ class Dedup:
         return Claim("leader" if role == "leader" else "follower")
 
     def refresh(self, key: str, task_id: str) -> bool:
-        _, claim_key, _ = self._keys(key)
-        return bool(self._refresh(keys=[claim_key], args=[task_id, self.claim_ttl_ms]))
+        _, claim_key, waiters_key = self._keys(key)
+        return bool(
+            self._refresh(
+                keys=[claim_key, waiters_key],
+                args=[task_id, self.claim_ttl_ms, self.waiters_ttl_ms],
+            )
+        )
 
     def publish(self, key: str, task_id: str, answer: Answer) -> None:
         """Store the answer for repeats, release the claim and wake every follower."""
@@ -120,7 +129,7 @@ class Dedup:
         answer_key, claim_key, waiters_key = self._keys(key)
         inbox = INBOX + task_id
         self._redis.sadd(waiters_key, task_id)
-        self._redis.pexpire(waiters_key, self.claim_ttl_ms * 4)
+        self._redis.pexpire(waiters_key, self.waiters_ttl_ms)
         stored = self._redis.get(answer_key)  # the leader may have settled before we registered
         if stored is not None:
             return _outcome(stored)

@@ -37,7 +37,7 @@ def group_key(request: Request) -> GroupKey:
 class _ModelHealth:
     limit: int
     fallback_rate: float = 0.0
-    shrunk_at: float = 0.0
+    shrunk_at: float | None = None  # clock() at the last shrink; None if never shrunk
 
 
 @dataclass
@@ -61,7 +61,12 @@ class BatchSizer:
 
     def limit(self, model: str) -> int:
         health = self._health(model)
-        if health.limit == 1 and self.clock() - health.shrunk_at >= self.probe_after_s:
+        if (
+            health.limit == 1
+            and health.shrunk_at is not None  # record() shrank it; max_batch == 1 never probes
+            and self.max_batch >= 2
+            and self.clock() - health.shrunk_at >= self.probe_after_s
+        ):
             health.limit = 2  # try batching again after a rest; record() decides what follows
             health.fallback_rate = self.shrink_above / 2
         return health.limit

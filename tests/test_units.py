@@ -1,0 +1,455 @@
+"""Unit tests for the pure parts: request keys, validation, settings, pricing and grouping."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import unicodedata
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from pydantic import SecretStr
+
+import producer
+from producer import ConfigError, InvalidRequest, Request, build_request, load_settings
+from producer import request_key as key_of
+from worker.grouping import BatchSizer, group_key
+from worker.pricing import cost_usd, split_prompt, split_total
+
+MODEL = "gpt-4o-mini"
+BASE: dict[str, Any] = {
+    "prompt": "Where is my order 1234?",
+    "model": MODEL,
+    "system": "You are the shop's support assistant.",
+    "temperature": 0.2,
+    "max_tokens": 200,
+    "tenant": "acme",
+}
+
+
+def req(**changes: Any) -> Request:
+    return Request(**{**BASE, **changes})
+
+
+# --- request_key -----------------------------------------------------------------------------
+
+
+def test_key_equal_for_identical_requests() -> None:
+    assert key_of(req()) == key_of(req())
+
+
+def test_key_equal_for_nfc_and_nfd_forms() -> None:
+    text = "Café crème, naïve Zoë?"
+    nfc, nfd = unicodedata.normalize("NFC", text), unicodedata.normalize("NFD", text)
+    assert nfc != nfd
+    assert key_of(req(prompt=nfc)) == key_of(req(prompt=nfd))
+    assert key_of(req(system=nfc)) == key_of(req(system=nfd))
+
+
+def test_key_ignores_surrounding_whitespace() -> None:
+    assert key_of(req(prompt="  Where is my order 1234?\n\t")) == key_of(req())
+    assert key_of(req(system="\nYou are the shop's support assistant.  ")) == key_of(req())
+
+
+def test_key_system_none_equals_empty() -> None:
+    assert key_of(req(system=None)) == key_of(req(system=""))
+
+
+def test_key_temperature_int_equals_float() -> None:
+    assert key_of(req(temperature=0)) == key_of(req(temperature=0.0))
+    assert key_of(req(temperature=1)) == key_of(req(temperature=1.0))
+
+
+def test_key_negative_zero_temperature_equals_zero() -> None:
+    assert key_of(req(temperature=-0.0)) == key_of(req(temperature=0.0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tenant", "globex"),
+        ("tenant", None),
+        ("model", "gpt-4o"),
+        ("system", "You are a pirate."),
+        ("system", None),
+        ("prompt", "Where is my order 1235?"),
+        ("temperature", 0.3),
+        ("max_tokens", 201),
+        ("max_tokens", None),
+    ],
+)
+def test_key_differs_when_a_field_differs(field: str, value: object) -> None:
+    assert key_of(req(**{field: value})) != key_of(req())
+
+
+def _norm(value: str | None) -> str:
+    return unicodedata.normalize("NFC", value or "").strip()
+
+
+MODEL_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._:/", min_size=1, max_size=20)
+PROMPTS = st.text(min_size=1, max_size=40).filter(lambda s: bool(s.strip()))
+FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "prompt": PROMPTS,
+    "model": MODEL_NAMES,
+    "system": st.none() | st.text(max_size=40),
+    "temperature": st.floats(min_value=0.0, max_value=2.0) | st.integers(0, 2),
+    "max_tokens": st.none() | st.integers(1, 1_000_000),
+    "tenant": st.none() | st.text(max_size=20),
+}
+
+
+def _same_for_key(field: str, a: Any, b: Any) -> bool:
+    """Whether two values of ``field`` are meant to share a key (the documented equivalences)."""
+    if field in ("prompt", "system"):
+        return _norm(a) == _norm(b)
+    if field == "tenant":
+        return (a or "") == (b or "")
+    if field == "temperature":
+        return float(a) == float(b)
+    return bool(a == b)
+
+
+@given(data=st.data(), field=st.sampled_from(sorted(FIELD_VALUES)))
+def test_key_property_one_field_difference_never_shares_key(
+    data: st.DataObject, field: str
+) -> None:
+    base = {name: data.draw(strategy, label=name) for name, strategy in FIELD_VALUES.items()}
+    other = data.draw(FIELD_VALUES[field], label=f"other {field}")
+    assume(not _same_for_key(field, base[field], other))
+    assert key_of(Request(**base)) != key_of(Request(**{**base, field: other}))
+
+
+@given(text=PROMPTS)
+def test_key_property_normalisation_form_never_matters(text: str) -> None:
+    nfd = unicodedata.normalize("NFD", text)
+    assume(nfd.strip())
+    assert key_of(req(prompt=nfd)) == key_of(req(prompt=unicodedata.normalize("NFC", text)))
+
+
+# --- build_request / Request ------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings() -> producer.Settings:
+    return load_settings(max_prompt_chars=50)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "  \n\t "}, "prompt"),
+        ({"prompt": 3}, "prompt"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": "3"}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"model": ""}, "model"),
+        ({"model": "gpt 4"}, "model"),
+        ({"tenant": 7}, "tenant"),
+        ({"top_q": 1}, "top_q"),
+    ],
+)
+def test_build_request_rejects_bad_input(
+    settings: producer.Settings, changes: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        build_request(settings, {**BASE, **changes})
+    assert isinstance(info.value, ValueError)
+    assert field in str(info.value)
+
+
+def test_unknown_field_is_forbidden(settings: producer.Settings) -> None:
+    with pytest.raises(InvalidRequest, match=r"top_q.*(extra|not permitted)"):
+        build_request(settings, {**BASE, "top_q": 1})
+
+
+def test_prompt_over_limit_names_the_setting(settings: producer.Settings) -> None:
+    build_request(settings, {**BASE, "prompt": "x" * 50})  # exactly at the limit is fine
+    with pytest.raises(InvalidRequest, match="COALESCE_MAX_PROMPT_CHARS") as info:
+        build_request(settings, {**BASE, "prompt": "x" * 51})
+    assert "prompt" in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_build_request_checks_size_of_a_ready_request(settings: producer.Settings) -> None:
+    with pytest.raises(InvalidRequest, match="COALESCE_MAX_PROMPT_CHARS"):
+        build_request(settings, req(prompt="y" * 51))
+
+
+def test_build_request_accepts_valid_input(settings: producer.Settings) -> None:
+    request = build_request(settings, BASE)
+    assert request == Request(**BASE)
+    minimal = build_request(settings, {"prompt": "Hi there", "model": MODEL})
+    assert (minimal.system, minimal.temperature, minimal.max_tokens, minimal.tenant) == (
+        None,
+        0.0,
+        None,
+        None,
+    )
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    for name in list(os.environ):
+        if name.startswith(("COALESCE_", "OPENAI_")):
+            monkeypatch.delenv(name)
+    yield monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COALESCE_WINDOW_MS", "abc"),
+        ("COALESCE_MAX_BATCH", "0"),
+        ("COALESCE_MAX_BATCH", "257"),
+        ("COALESCE_REDIS_URL", "http://x"),
+        ("COALESCE_UPSTREAM_URL", "ftp://x"),
+        ("COALESCE_PRICES", "not json"),
+        ("COALESCE_PRICES", "[1, 2]"),
+        ("COALESCE_REQUEST_TIMEOUT_S", "-1"),
+        ("COALESCE_LOG_PROMPTS", "maybe"),
+    ],
+)
+def test_bad_setting_raises_config_error_naming_it(
+    clean_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    clean_env.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+def test_several_bad_settings_are_all_named(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("COALESCE_WINDOW_MS", "abc")
+    clean_env.setenv("COALESCE_REDIS_URL", "http://x")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "COALESCE_WINDOW_MS" in str(info.value) and "COALESCE_REDIS_URL" in str(info.value)
+
+
+def test_bad_openai_base_url_is_named_as_set(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OPENAI_BASE_URL", "ftp://x")
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
+        load_settings()
+
+
+def test_prices_json_merges_over_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("COALESCE_PRICES", '{"my-model": [0.2, 0.8]}')
+    prices = load_settings().prices
+    assert prices["my-model"] == (0.2, 0.8)
+    assert prices["gpt-4o-mini"] == (0.15, 0.60)
+
+
+def test_openai_variables_used_when_coalesce_ones_absent(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OPENAI_BASE_URL", "http://openai.example/v1/")
+    clean_env.setenv("OPENAI_API_KEY", "sk-openai-1")
+    s = load_settings()
+    assert s.upstream_url == "http://openai.example/v1"
+    assert s.upstream_api_key is not None
+    assert s.upstream_api_key.get_secret_value() == "sk-openai-1"
+
+
+def test_coalesce_variables_win_over_openai_ones(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OPENAI_BASE_URL", "http://openai.example/v1")
+    clean_env.setenv("OPENAI_API_KEY", "sk-openai-1")
+    clean_env.setenv("COALESCE_UPSTREAM_URL", "http://coalesce.example/v1")
+    clean_env.setenv("COALESCE_UPSTREAM_API_KEY", "sk-coalesce-2")
+    s = load_settings()
+    assert s.upstream_url == "http://coalesce.example/v1"
+    assert s.upstream_api_key is not None
+    assert s.upstream_api_key.get_secret_value() == "sk-coalesce-2"
+
+
+def test_api_key_is_secret_everywhere_it_is_shown(clean_env: pytest.MonkeyPatch) -> None:
+    secret = "sk-SENTINEL-do-not-leak-42"
+    clean_env.setenv("OPENAI_API_KEY", secret)
+    s = load_settings()
+    assert isinstance(s.upstream_api_key, SecretStr)
+    assert s.upstream_api_key.get_secret_value() == secret
+    assert secret not in repr(s) and secret not in str(s)
+    assert secret not in s.model_dump_json()
+    clean_env.setenv("COALESCE_WINDOW_MS", "abc")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert secret not in str(info.value)
+
+
+def test_defaults_are_valid_for_a_worker(clean_env: pytest.MonkeyPatch) -> None:
+    load_settings().check_worker()
+    load_settings(max_batch=16, worker_concurrency=32).check_worker()
+
+
+@pytest.mark.parametrize(("visibility", "request_timeout"), [(75.0, 75.0), (60.0, 75.0)])
+def test_check_worker_visibility_must_exceed_request_timeout(
+    clean_env: pytest.MonkeyPatch, visibility: float, request_timeout: float
+) -> None:
+    s = load_settings(visibility_timeout_s=visibility, request_timeout_s=request_timeout)
+    with pytest.raises(ConfigError, match="COALESCE_VISIBILITY_TIMEOUT_S"):
+        s.check_worker()
+
+
+def test_check_worker_concurrency_must_be_twice_max_batch(clean_env: pytest.MonkeyPatch) -> None:
+    s = load_settings(max_batch=16, worker_concurrency=31)
+    with pytest.raises(ConfigError, match="COALESCE_WORKER_CONCURRENCY"):
+        s.check_worker()
+
+
+# --- pricing ----------------------------------------------------------------------------------
+
+
+@given(
+    total=st.integers(0, 10**12),
+    weights=st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=40),
+)
+def test_split_total_sums_exactly_and_is_proportional(total: int, weights: list[float]) -> None:
+    parts = split_total(total, weights)
+    assert len(parts) == len(weights)
+    assert sum(parts) == total
+    assert all(part >= 0 for part in parts)
+    weight_sum = sum(weights)
+    if weight_sum > 0:
+        for part, weight in zip(parts, weights, strict=True):
+            assert abs(part - total * weight / weight_sum) < 1 + 1e-6
+    else:
+        assert max(parts) - min(parts) <= 1
+
+
+def test_split_total_examples() -> None:
+    assert split_total(10, [1, 1]) == [5, 5]
+    assert split_total(10, [1, 1, 1]) in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
+    assert split_total(7, [0, 1]) == [0, 7]
+    assert split_total(5, []) == []
+
+
+@given(
+    shared=st.integers(0, 5_000),
+    questions=st.lists(st.integers(0, 2_000), min_size=1, max_size=20),
+)
+def test_split_prompt_charges_shared_part_evenly(shared: int, questions: list[int]) -> None:
+    total = shared + sum(questions)
+    parts = split_prompt(total, questions)
+    assert sum(parts) == total
+    extra = [part - own for part, own in zip(parts, questions, strict=True)]
+    assert max(extra) - min(extra) <= 1
+    assert all(abs(e - shared / len(questions)) < 1 for e in extra)
+
+
+def test_split_prompt_example() -> None:
+    # 30 shared tokens over three questions of 10, 20 and 40 tokens.
+    assert split_prompt(100, [10, 20, 40]) == [20, 30, 50]
+
+
+def test_cost_usd_known_and_unknown_models() -> None:
+    prices = load_settings().prices
+    assert cost_usd(prices, "gpt-4o-mini", 1_000_000, 0) == pytest.approx(0.15)
+    assert cost_usd(prices, "gpt-4o-mini", 0, 1_000_000) == pytest.approx(0.60)
+    assert cost_usd(prices, "gpt-4o", 1_000, 500) == pytest.approx((1_000 * 2.5 + 500 * 10) / 1e6)
+    assert cost_usd(prices, "no-such-model", 1_000_000, 1_000_000) == 0.0
+
+
+# --- grouping ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tenant", "globex"),
+        ("tenant", None),
+        ("model", "gpt-4o"),
+        ("system", "You are a pirate."),
+        ("system", None),
+        ("temperature", 0.7),
+        ("max_tokens", 50),
+        ("max_tokens", None),
+    ],
+)
+def test_group_key_differs_when_call_parameters_differ(field: str, value: object) -> None:
+    assert group_key(req(**{field: value})) != group_key(req())
+
+
+def test_group_key_equal_for_different_questions() -> None:
+    assert group_key(req(prompt="Why is the sky blue?")) == group_key(req())
+    assert group_key(req(temperature=0, system=None)) == group_key(req(temperature=0.0, system=""))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sizer_starts_at_max_batch() -> None:
+    assert BatchSizer(16).limit("m") == 16
+
+
+def test_sizer_halves_on_frequent_fallbacks_and_never_drops_below_one() -> None:
+    sizer = BatchSizer(16, clock=FakeClock())
+    seen = []
+    for _ in range(20):
+        sizer.record("m", 16, 12)
+        seen.append(sizer.limit("m"))
+    assert seen[:2] == [16, 8]  # smoothing: one bad batch is not enough
+    assert 4 in seen and 2 in seen
+    assert min(seen) == 1 and seen[-1] == 1
+    for previous, current in itertools.pairwise(seen):
+        assert current in (previous, previous // 2)
+
+
+def test_sizer_ignores_singles() -> None:
+    sizer = BatchSizer(8, clock=FakeClock())
+    for _ in range(10):
+        sizer.record("m", 1, 1)
+    assert sizer.limit("m") == 8
+
+
+def test_sizer_grows_back_after_clean_batches() -> None:
+    sizer = BatchSizer(8, clock=FakeClock())
+    for _ in range(2):
+        sizer.record("m", 8, 6)
+    shrunk = sizer.limit("m")
+    assert shrunk == 4
+    for _ in range(30):
+        sizer.record("m", shrunk, 0)
+    assert sizer.limit("m") == 8
+
+
+def test_sizer_probes_batching_again_after_a_rest() -> None:
+    clock = FakeClock()
+    sizer = BatchSizer(8, probe_after_s=30.0, clock=clock)
+    while sizer.limit("m") > 1:
+        sizer.record("m", 8, 8)
+    clock.now += 29.0
+    assert sizer.limit("m") == 1
+    clock.now += 1.0
+    assert sizer.limit("m") == 2
+    sizer.record("m", 2, 2)  # the probe failed: back to singles, and a fresh rest
+    assert sizer.limit("m") == 1
+    clock.now += 29.0
+    assert sizer.limit("m") == 1
+
+
+def test_sizer_keeps_models_independent() -> None:
+    sizer = BatchSizer(16, clock=FakeClock())
+    for _ in range(10):
+        sizer.record("bad", 16, 16)
+    assert sizer.limit("bad") == 1
+    assert sizer.limit("good") == 16
+    sizer.record("good", 16, 0)
+    assert sizer.limit("bad") == 1 and sizer.limit("good") == 16
+
+
+def test_sizer_never_exceeds_max_batch_of_one() -> None:
+    clock = FakeClock()
+    sizer = BatchSizer(1, clock=clock)
+    assert sizer.limit("m") <= 1
+    clock.now += 3_600
+    assert sizer.limit("m") <= 1
