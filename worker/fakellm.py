@@ -293,7 +293,7 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _BadRequest("'max_tokens' must be a positive integer")
-    return value
+    return int(value)
 
 
 def _parse_chat(body: object) -> _ChatRequest:
