@@ -111,7 +111,7 @@ class Client:
             "max_tokens": max_tokens,
             "tenant": tenant,
         }
-        return self._send(build_request(self.settings, fields))
+        return self._send([build_request(self.settings, fields)])[0]
 
     def submit_many(self, items: Iterable[Request | Mapping[str, Any]]) -> list[Ticket]:
         """Validate every item first, so one bad item enqueues nothing; then enqueue all."""
@@ -121,14 +121,15 @@ class Client:
                 requests.append(build_request(self.settings, item))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"item {index}: {exc}") from None
-        return [self._send(request) for request in requests]
+        return self._send(requests)
 
-    def _send(self, request: Request) -> Ticket:
-        payload = request.model_dump()
-        task_id = str(uuid.uuid4())
-        _pending.record(self._redis, task_id, payload)
-        result = send_request(self._app, self.settings, payload, task_id=task_id)
-        return Ticket(result.id, result)
+    def _send(self, requests: list[Request]) -> list[Ticket]:
+        items = [(str(uuid.uuid4()), request.model_dump()) for request in requests]
+        _pending.record_many(self._redis, items)  # before enqueueing: see _pending
+        return [
+            Ticket(task_id, send_request(self._app, self.settings, payload, task_id=task_id))
+            for task_id, payload in items
+        ]
 
     def ticket(self, task_id: str) -> Ticket:
         """A handle on a request submitted earlier (for example by another process)."""

@@ -19,7 +19,15 @@ PAYLOADS = "coalesce:pending:payloads"  # hash: task id -> the task's payload
 
 
 def record(client: redis.Redis, task_id: str, payload: dict[str, Any]) -> None:
+    record_many(client, [(task_id, payload)])
+
+
+def record_many(client: redis.Redis, items: list[tuple[str, dict[str, Any]]]) -> None:
+    """One round trip for a whole submission."""
+    if not items:
+        return
+    now = time.time()
     pipe = client.pipeline(transaction=False)
-    pipe.hset(PAYLOADS, task_id, json.dumps(payload))
-    pipe.zadd(PENDING, {task_id: time.time()})
+    pipe.hset(PAYLOADS, mapping={task_id: json.dumps(payload) for task_id, payload in items})
+    pipe.zadd(PENDING, {task_id: now for task_id, _ in items})
     pipe.execute()

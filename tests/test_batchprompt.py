@@ -78,6 +78,8 @@ def test_preamble_is_dropped() -> None:
         "\n\nI hope these answers help!",
         "\n\nFeel free to ask if anything is unclear.",
         "\n\nIf you have any other questions, just ask.",
+        "\n\nI hope you find these answers useful.",
+        "\n\nI\u2019m happy to help with anything else.",
         "\n\n---\n\nLet me know if you need anything else!",
         "\n---\nHope this helps!",
         "\n\n---",
@@ -193,6 +195,21 @@ def test_empty_or_unlabelled_reply(reply: str) -> None:
 def test_count_must_be_positive() -> None:
     with pytest.raises(ValueError):
         parse_answers("A1: x", 0)
+
+
+def test_absurd_label_numbers_are_out_of_range() -> None:
+    assert parse_answers("A1: Paris\nA" + "9" * 5000 + ": y\nA2: Berlin", 2) == [None, "Berlin"]
+    assert parse_answers("A01: Paris\nA2: Berlin", 2) == ["Paris", "Berlin"]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "line", [" " * 50_000 + "x", "> " * 25_000 + "x", "=" * 50_000 + "x", "A1" + " " * 50_000 + "x"]
+)
+def test_long_lines_take_linear_time(line: str) -> None:
+    # Backtracking regexes took minutes on these; a user's text reaches is_batch_safe as is.
+    assert parse_answers(f"A1: x\n{line}\n\nHope this helps.", 1) == [f"x\n{line}".strip()]
+    assert is_batch_safe(line)
 
 
 def test_single_slot() -> None:

@@ -83,7 +83,7 @@ _QUESTION_WORDS = r"question[ \t]*+(?:\#[ \t]*+)?|q"
 
 def _label_pattern(words: str) -> re.Pattern[str]:
     return re.compile(
-        rf"{_PREFIX}(?P<open>{_MARK})?(?P<lb>\[)?(?:{words})(?:(?P<num>\d+)|\[(?P<bnum>\d+)\])"
+        rf"{_PREFIX}(?P<open>{_MARK})?(?P<lb>\[)?(?:{words})(?:(?P<num>\d++)|\[(?P<bnum>\d++)\])"
         rf"(?(lb)\])(?P<close>{_MARK})?(?:(?P<sep>(?(lb)[ \t]*+:|{_SEP}))(?P<close2>{_MARK})?)?"
         r"(?:[ \t]++(?P<rest>.*)|[ \t]*+)$",
         re.IGNORECASE,
@@ -99,17 +99,18 @@ _QUOTE_RE = re.compile(r"^[ \t]*>[ \t]?")
 _RULE_RE = re.compile(r"^[ \t]*+(?:(?:-[ \t]*+){3,}+|(?:\*[ \t]*+){3,}+|(?:_[ \t]*+){3,}+)$")
 _SIGN_OFF_RE = re.compile(
     r"^[\W_]*(?:"
-    r"(?:i[ \t]+)?hope[ \t]+(?:this|these|that|it|my[ \t]+answers?)\b"
+    r"(?:i[ \t]+)?hope[ \t]+(?:this|these|that|it|my[ \t]+answers?|you[ \t]+find)\b"
     r"|let[ \t]+me[ \t]+know\b"
     r"|feel[ \t]+free[ \t]+to\b"
     r"|if[ \t]+you[ \t]+have[ \t]+(?:any[ \t]+)?(?:other|more|further|additional|follow-up)?"
     r"[ \t]*questions\b"
     r"|is[ \t]+there[ \t]+anything[ \t]+else\b"
-    r"|(?:i'm[ \t]+|i[ \t]+am[ \t]+)?(?:happy|glad)[ \t]+to[ \t]+help\b"
-    r"|don't[ \t]+hesitate\b"
+    r"|(?:i['\u2019]m[ \t]+|i[ \t]+am[ \t]+)?(?:happy|glad)[ \t]+to[ \t]+help\b"
+    r"|don['\u2019]t[ \t]+hesitate\b"
     r")",
     re.IGNORECASE,
 )
+_MAX_DIGITS = 6
 _SIGN_OFF_MAX_LINES = 3
 _SIGN_OFF_MAX_CHARS = 300
 # For is_batch_safe: list markers a model might drop when quoting, and the prompt's own markers.
@@ -147,6 +148,11 @@ def _match(pattern: re.Pattern[str], line: str) -> re.Match[str] | None:
     return m
 
 
+def _number(digits: str) -> int:
+    """A label's number; absurdly long ones become 0, out of range like any other."""
+    return int(digits) if len(digits) <= _MAX_DIGITS else 0
+
+
 def _answer_label(index: int, line: str) -> _Label | None:
     m = _match(_ANSWER_RE, line)
     if m is None:
@@ -156,12 +162,12 @@ def _answer_label(index: int, line: str) -> _Label | None:
     if opened and not (m["close"] or m["close2"]) and rest.rstrip().endswith(opened):
         # `**A1: text**`: the emphasis closes at the end of the line, not after the label.
         rest = rest.rstrip()[: -len(opened)]
-    return _Label(index, int(m["num"] or m["bnum"]), rest, bool(m["quote"]))
+    return _Label(index, _number(m["num"] or m["bnum"]), rest, bool(m["quote"]))
 
 
 def _list_item(index: int, line: str) -> _Label | None:
     m = _ITEM_RE.match(line)
-    return None if m is None else _Label(index, int(m["num"]), m["rest"] or "", False)
+    return None if m is None else _Label(index, _number(m["num"]), m["rest"] or "", False)
 
 
 def looks_like_label(line: str) -> bool:
