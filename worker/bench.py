@@ -7,7 +7,6 @@ Redis, one after the other, so their figures are comparable on a shared, noisy m
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from producer import Client, load_settings
 from producer._celeryconf import PLAIN_TASK_NAME, celery_config
 
 from .baseline import PLAIN_QUEUE
-from .procs import Proc, spawn, start_fake_llm, start_redis, start_worker, wait_for_workers
+from .procs import Proc, start_fake_llm, start_redis, start_worker, wait_for_workers
 from .stats import Stats, fallback_share
 from .workload import WorkItem, distinct_questions
 
@@ -97,28 +96,13 @@ def _run_plain(redis_url: str, items: list[WorkItem]) -> None:
 
 def _start_plain_workers(env: dict[str, str], count: int, concurrency: int) -> list[Proc]:
     return [
-        spawn(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.baseline",
-                "worker",
-                "-Q",
-                PLAIN_QUEUE,
-                "-c",
-                str(concurrency),
-                "-n",
-                f"plain{n}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "-E",
-                "--loglevel",
-                "WARNING",
-            ],
-            env=env,
-            log_name=f"plain{n}",
+        start_worker(
+            env,
+            name=f"plain{n}",
+            app="worker.baseline",
+            queues=PLAIN_QUEUE,
+            concurrency=concurrency,
+            loglevel="WARNING",
         )
         for n in range(count)
     ]

@@ -161,14 +161,15 @@ def start_worker(
     queues: str | None = None,
     concurrency: int | None = None,
     loglevel: str = "INFO",
+    app: str = "worker.app",
 ) -> Proc:
-    """A real Celery worker process (``celery -A worker.app worker``) with the given settings."""
+    """A real Celery worker process (``celery -A <app> worker``) with the given settings."""
     argv = [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "worker.app",
+        app,
         "worker",
         "-n",
         f"{name}@%h",
