@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from producer import Client, load_settings
-from worker.procs import Proc, start_fake_llm, start_redis, start_worker, wait_for_workers
+from worker.dev.procs import Proc, start_fake_llm, start_redis, start_worker, wait_for_workers
 
 # Small but realistic bounds so redelivery tests finish in seconds, not minutes.
 FAST_ENV = {

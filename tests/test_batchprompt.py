@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from worker.batchprompt import (
+from worker.batching.prompt import (
     build_batch_messages,
     is_batch_safe,
     looks_like_label,

@@ -22,8 +22,8 @@ from producer import (
     load_settings,
     request_key,
 )
-from worker.collector import Collector
-from worker.fakellm import FakeConfig, create_app, expected_answer
+from worker.batching.collector import Collector
+from worker.dev.fakellm import FakeConfig, create_app, expected_answer
 from worker.pricing import cost_usd
 from worker.tokens import count_tokens
 from worker.upstream import RetryPolicy, Upstream

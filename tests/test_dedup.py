@@ -1,4 +1,4 @@
-"""worker.dedup.Dedup against a real redis-server: leaders, followers, hand-over and timeouts."""
+"""worker.shared.dedup.Dedup on a real redis-server: leaders, followers, hand-over, timeouts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from producer import Answer
-from worker.dedup import Dedup, Outcome
+from worker.shared.dedup import Dedup, Outcome
 
 pytestmark = pytest.mark.integration
 

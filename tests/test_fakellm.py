@@ -1,4 +1,4 @@
-"""Tests for worker.fakellm: in-process over httpx.ASGITransport, plus one real-socket run."""
+"""Tests for worker.dev.fakellm: in-process over httpx.ASGITransport, plus one real-socket run."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from worker.batchprompt import build_batch_messages, build_single_messages  # noqa: E402
-from worker.fakellm import FakeConfig, create_app, expected_answer, split_batch  # noqa: E402
+from worker.batching.prompt import build_batch_messages, build_single_messages  # noqa: E402
+from worker.dev.fakellm import FakeConfig, create_app, expected_answer, split_batch  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 SYSTEM = "You are terse. Answer in one line."
@@ -319,7 +319,7 @@ def _free_port() -> int:
 
 def test_real_server_over_http() -> None:
     port = _free_port()
-    code = f"from worker.fakellm import serve, FakeConfig; serve(FakeConfig(), port={port})"
+    code = f"from worker.dev.fakellm import serve, FakeConfig; serve(FakeConfig(), port={port})"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=_ROOT, env=env)
     try:

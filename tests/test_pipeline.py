@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from producer import Client, InvalidRequest, Request, RequestFailed, _pending
-from worker.fakellm import expected_answer
+from worker.dev.fakellm import expected_answer
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from worker.fakellm import expected_answer
+from worker.dev.fakellm import expected_answer
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 import producer
 from producer import ConfigError, InvalidRequest, Request, build_request, load_settings
 from producer import request_key as key_of
-from worker.grouping import BatchSizer, group_key
+from worker.batching.grouping import BatchSizer, group_key
 from worker.pricing import cost_usd, split_prompt, split_total
 
 MODEL = "gpt-4o-mini"

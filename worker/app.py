@@ -40,7 +40,7 @@ trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 def _warm_up(**_: Any) -> None:
     """Build the pipeline (tokenizer, Redis scripts, HTTP pool) before the first request waits."""
     from .pipeline import get_pipeline
-    from .reaper import Reaper
+    from .shared.reaper import Reaper
     from .tokens import count_tokens
 
     pipeline = get_pipeline(settings)

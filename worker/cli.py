@@ -45,7 +45,7 @@ def fake_llm(
     seed: Annotated[int, typer.Option(help="Seed for the noise and error draws.")] = 0,
 ) -> None:
     """Serve a deterministic OpenAI-compatible model for tests and the demo."""
-    from .fakellm import FakeConfig, serve
+    from .dev.fakellm import FakeConfig, serve
 
     config = FakeConfig(
         latency_ms=latency_ms,
@@ -93,7 +93,7 @@ def demo(
     latency_ms: Annotated[float, typer.Option(help="Fake upstream latency per call.")] = 300.0,
 ) -> None:
     """Start what is missing (Redis, fake upstream, a worker), send a burst, print the bill."""
-    from .demo import run_demo
+    from .dev.demo import run_demo
 
     run_demo(requests=requests, latency_ms=latency_ms)
 
@@ -104,7 +104,7 @@ def bench_pipeline(
     workers: Annotated[int, typer.Option(help="Worker processes per integration.")] = 2,
 ) -> None:
     """Throughput and upstream calls: this pipeline against one plain task per request."""
-    from .bench import run_pipeline_bench
+    from .dev.bench import run_pipeline_bench
 
     run_pipeline_bench(requests=requests, workers=workers)
 

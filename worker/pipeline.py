@@ -11,9 +11,9 @@ import redis
 
 from producer import Answer, Request, RequestFailed, Settings, UpstreamTimeout, request_key
 
-from .collector import Collector
-from .dedup import Dedup
-from .stats import Stats
+from .batching.collector import Collector
+from .shared.dedup import Dedup
+from .shared.stats import Stats
 from .upstream import RetryPolicy, Upstream
 
 log = logging.getLogger("coalesce.pipeline")

@@ -1,6 +1,6 @@
 """The plain integration the benchmark compares against: one Celery task, one upstream call.
 
-``celery -A worker.baseline worker -Q coalesce-plain`` runs it. It is what an app without
+``celery -A worker.dev.baseline worker -Q coalesce-plain`` runs it. It is what an app without
 coalesce would write (a task calling the OpenAI API directly), kept here only as a yardstick.
 """
 
@@ -14,7 +14,7 @@ from celery import Celery
 from producer import get_settings
 from producer._celeryconf import PLAIN_TASK_NAME, celery_config
 
-from .batchprompt import build_single_messages
+from ..batching.prompt import build_single_messages
 
 PLAIN_QUEUE = "coalesce-plain"
 

@@ -2,7 +2,7 @@
 
 It runs an asyncio loop on its own thread inside each worker process. Celery task threads
 hand it requests with :meth:`Collector.submit` and block on the returned future; the loop
-groups them (see :mod:`worker.grouping`), flushes a group when its window closes or it is
+groups them (see :mod:`worker.batching.grouping`), flushes a group when its window closes or it is
 full, and resolves every future with that request's own answer or error.
 """
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 from producer import Answer, Request, Settings
 
-from .batchprompt import build_batch_messages, build_single_messages, is_batch_safe, parse_answers
+from ..pricing import cost_usd, split_prompt, split_total
+from ..tokens import count_tokens
+from ..upstream import Completion, Upstream
 from .grouping import BatchSizer, GroupKey, group_key
-from .pricing import cost_usd, split_prompt, split_total
-from .tokens import count_tokens
-from .upstream import Completion, Upstream
+from .prompt import build_batch_messages, build_single_messages, is_batch_safe, parse_answers
 
 log = logging.getLogger("coalesce.collector")
 

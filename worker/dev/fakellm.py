@@ -29,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from worker.batchprompt import BATCH_INSTRUCTIONS
+from worker.batching.prompt import BATCH_INSTRUCTIONS
 from worker.tokens import chat_prompt_tokens, count_tokens, truncate_tokens
 
 __all__ = [

@@ -19,9 +19,9 @@ from celery import Celery
 from producer import Client, load_settings
 from producer._celeryconf import PLAIN_TASK_NAME, celery_config
 
+from ..shared.stats import Stats, fallback_share
 from .baseline import PLAIN_QUEUE
 from .procs import Proc, start_fake_llm, start_redis, start_worker, wait_for_workers
-from .stats import Stats, fallback_share
 from .workload import WorkItem, distinct_questions
 
 MODELS = ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
@@ -99,7 +99,7 @@ def _start_plain_workers(env: dict[str, str], count: int, concurrency: int) -> l
         start_worker(
             env,
             name=f"plain{n}",
-            app="worker.baseline",
+            app="worker.dev.baseline",
             queues=PLAIN_QUEUE,
             concurrency=concurrency,
             loglevel="WARNING",

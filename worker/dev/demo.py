@@ -14,10 +14,10 @@ import typer
 
 from producer import Answer, Client, load_settings
 
-from .batchprompt import build_single_messages
-from .pricing import cost_usd
+from ..batching.prompt import build_single_messages
+from ..pricing import cost_usd
+from ..tokens import chat_prompt_tokens, count_tokens
 from .procs import Proc, redis_answers, start_fake_llm, start_redis, start_worker, wait_for_workers
-from .tokens import chat_prompt_tokens, count_tokens
 from .workload import WorkItem, support_burst
 
 MODELS = ["gpt-4o-mini", "gpt-4.1-mini"]

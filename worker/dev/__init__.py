@@ -1,0 +1,1 @@
+"""Development tools, not the runtime: the fake upstream, the demo, benchmarks, process helpers."""
