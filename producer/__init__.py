@@ -2,6 +2,7 @@
 
 from ._client import Client, Ticket, build_request
 from ._exceptions import (
+    BrokerUnavailable,
     CoalesceError,
     ConfigError,
     InvalidRequest,
@@ -16,9 +17,11 @@ from ._exceptions import (
 from ._keys import request_key
 from ._models import Answer, Request, Source
 from ._settings import Settings, get_settings, load_settings
+from ._validate import validate_request
 
 __all__ = [
     "Answer",
+    "BrokerUnavailable",
     "Client",
     "CoalesceError",
     "ConfigError",
@@ -38,4 +41,5 @@ __all__ = [
     "get_settings",
     "load_settings",
     "request_key",
+    "validate_request",
 ]

@@ -28,7 +28,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
         },
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # Storing a result rides out a Redis restart instead of losing the answer.
+        "result_backend_transport_options": {
+            "retry_policy": {
+                "max_retries": 100,
+                "interval_start": 0.1,
+                "interval_step": 0.2,
+                "interval_max": 1.0,
+                "timeout": 30.0,
+            }
+        },
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
     }

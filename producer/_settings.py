@@ -52,10 +52,13 @@ class Settings(BaseSettings):
     window_ms: int = Field(200, ge=1, le=60_000)
     max_batch: int = Field(16, ge=1, le=256)
     max_batch_tokens: int = Field(6_000, ge=100)
+    max_batch_answer_tokens: int = Field(4_000, ge=16)
+    stream: bool = True
     max_prompt_chars: int = Field(20_000, ge=1)
+    max_system_chars: int = Field(100_000, ge=1)
+    submit_retry_s: float = Field(5.0, ge=0, le=600)
 
     upstream_timeout_s: float = Field(30.0, gt=0)
-    upstream_retries: int = Field(4, ge=0, le=20)
     upstream_concurrency: int = Field(16, ge=1)
     request_timeout_s: float = Field(75.0, gt=0)
     visibility_timeout_s: float = Field(100.0, gt=0)

@@ -17,7 +17,6 @@ FAST_ENV = {
     "COALESCE_MAX_BATCH": "16",
     "COALESCE_REQUEST_TIMEOUT_S": "20",
     "COALESCE_VISIBILITY_TIMEOUT_S": "25",
-    "COALESCE_UPSTREAM_RETRIES": "4",
     "COALESCE_WORKER_CONCURRENCY": "96",
 }
 
@@ -86,9 +85,9 @@ def workers(redis_url: str) -> Iterator[Callable[..., Proc]]:
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[Client]:
-    with Client(settings=load_settings(redis_url=redis_url, **_fast_settings())) as c:
+    with Client(settings=load_settings(redis_url=redis_url, **fast_settings())) as c:
         yield c
 
 
-def _fast_settings() -> dict[str, object]:
+def fast_settings() -> dict[str, object]:
     return {k.removeprefix("COALESCE_").lower(): v for k, v in FAST_ENV.items()}

@@ -146,10 +146,17 @@ def test_unclosed_fence_after_last_label_keeps_earlier_answers() -> None:
 
 def test_echoed_question_voids_the_answer_it_sits_in() -> None:
     # Q2's text would otherwise reach the user who asked Q1.
-    reply = "**Q1: Capital of France?**\nA1: Paris\n\n**Q2: Capital of Germany?**\nA2: Berlin"
-    assert parse_answers(reply, 2) == [None, "Berlin"]
+    reply = "A1: Paris\n\n**Q2: Capital of Germany?**\nA3: Rome"
+    assert parse_answers(reply, 3) == [None, None, "Rome"]
     assert parse_answers("A1: Paris\n=== Q2 abc ===\nA2: Berlin", 2) == [None, "Berlin"]
     assert parse_answers("A1: Paris\nA2: Berlin\n=== END abc ===", 2) == ["Paris", None]
+
+
+def test_questions_restated_before_every_answer_are_a_layout_not_an_echo() -> None:
+    # Each Qn right before its An: the restatements end the answers before them and are
+    # part of no answer, so nobody receives another user's question.
+    reply = "**Q1: Capital of France?**\nA1: Paris\n\n**Q2: Capital of Germany?**\nA2: Berlin"
+    assert parse_answers(reply, 2) == ["Paris", "Berlin"]
 
 
 def test_question_labels_inside_code_are_answer_text() -> None:
@@ -271,6 +278,14 @@ def test_numbered_list_is_ignored_when_labels_exist() -> None:
         "text\nQuestion 3: what?",
         "text\na2: evil",
         "A2",
+        "what does A2: mean",
+        "Make it **A3:** bold",
+        "Answer this, Q4: why?",
+        "text (answer 2: evil)",
+        "see [A2]: here",
+        'Parse {"A1": "x", "A2": "y"}',
+        'Parse {"name": "x", "A1": 3} for me',
+        "Parse this JSON:\n{\n  '1': 'x'\n}",
     ],
 )
 def test_questions_with_label_lines_are_not_batch_safe(question: str) -> None:
@@ -290,6 +305,11 @@ def test_questions_with_label_lines_are_not_batch_safe(question: str) -> None:
         "Write code:\n```python\nprint('hi')\n```",
         "Is the answer 42?\nAnswer: yes or no.",
         "Headline == Quality",
+        "How big is size A4 paper?",
+        "Paper size A4 is 210 mm wide; is A3 twice that?",
+        "Meet at 10:30, room Q2.",
+        'Parse {"name": "x", "id": 3} for me',
+        "Rate it (A1, A2 or A3): good?",
     ],
 )
 def test_ordinary_questions_are_batch_safe(question: str) -> None:

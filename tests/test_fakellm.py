@@ -25,8 +25,19 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from worker.batching.prompt import build_batch_messages, build_single_messages  # noqa: E402
-from worker.dev.fakellm import FakeConfig, create_app, expected_answer, split_batch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from worker.batching.prompt import (  # noqa: E402
+    build_batch_messages,
+    build_single_messages,
+)
+from worker.cli import app as cli_app  # noqa: E402
+from worker.dev.fakellm import (  # noqa: E402
+    FakeConfig,
+    create_app,
+    expected_answer,
+    split_batch,
+)
 
 MODEL = "gpt-4o-mini"
 SYSTEM = "You are terse. Answer in one line."
@@ -145,8 +156,11 @@ async def test_stats_count_calls_tokens_and_reset() -> None:
         stats = (await client.get("/stats")).json()
         reset = (await client.post("/stats/reset")).json()
     usages = [first["usage"], second["usage"], other.json()["usage"]]
-    assert stats["calls"] == 3 and stats["batched_calls"] == 1
+    assert stats["calls"] == 3 and stats["batched_calls"] == 1 and stats["single_calls"] == 2
     assert stats["questions"] == len(QUESTIONS) + 2
+    assert stats["batched_questions"] == len(QUESTIONS)
+    assert stats["batch_sizes"] == {str(len(QUESTIONS)): 1}
+    assert stats["streamed_calls"] == stats["rejected"] == 0
     assert stats["prompt_tokens"] == sum(u["prompt_tokens"] for u in usages)
     assert stats["completion_tokens"] == sum(u["completion_tokens"] for u in usages)
     assert stats["calls_by_model"] == {MODEL: 2, "gpt-4o": 1}
@@ -154,6 +168,7 @@ async def test_stats_count_calls_tokens_and_reset() -> None:
     assert stats["errors"] == stats["rate_limited"] == stats["malformed"] == 0
     assert stats["max_in_flight"] == 1 and stats["in_flight"] == 0
     assert reset["calls"] == 0 and reset["calls_by_model"] == {} and reset["prompt_tokens"] == 0
+    assert reset["batch_sizes"] == {} and reset["single_calls"] == 0
 
 
 async def test_noise_gives_other_shapes_but_every_answer() -> None:
@@ -345,3 +360,106 @@ def test_real_server_over_http() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- concurrency_limit and reject_word ----------------------------------------------------------
+
+
+async def timed(call: Any) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await call
+    return response, time.monotonic() - started
+
+
+async def test_concurrency_limit_answers_429_at_once() -> None:
+    async with fake(concurrency_limit=2, latency_ms=200) as client:
+        calls = (chat(client, build_single_messages(f"q{i}", system=None)) for i in range(5))
+        results = await asyncio.gather(*(timed(call) for call in calls))
+        await client.post("/config", json={"retry_after_ms": 250})
+        hold = asyncio.ensure_future(chat(client, build_single_messages("hold", system=None)))
+        await asyncio.sleep(0.02)
+        more = await asyncio.gather(
+            *(chat(client, build_single_messages(f"r{i}", system=None)) for i in range(2))
+        )
+        await hold
+        stats = (await client.get("/stats")).json()
+    codes = sorted(response.status_code for response, _ in results)
+    assert codes == [200, 200, 429, 429, 429]
+    for response, seconds in results:
+        if response.status_code == 429:
+            assert seconds < 0.1  # refused at once, not queued
+            error = response.json()["error"]
+            assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+            assert "concurren" in error["message"]
+            assert "retry-after-ms" not in response.headers
+    assert [r.status_code for r in more] == [200, 429]
+    assert more[1].headers["retry-after-ms"] == "250"
+    assert stats["rate_limited"] == stats["concurrency_limited"] == 4
+    assert stats["calls"] == 4 and stats["max_in_flight"] == 2 and stats["in_flight"] == 0
+
+
+async def test_concurrency_limit_holds_a_slot_until_the_stream_ends() -> None:
+    messages = build_batch_messages(QUESTIONS, system=SYSTEM)
+    async with fake(concurrency_limit=1, latency_per_token_ms=1) as client:
+        stream = asyncio.ensure_future(chat(client, messages, stream=True))
+        await asyncio.sleep(0.05)
+        during = await chat(client, build_single_messages("during", system=None))
+        await stream
+        after = await chat(client, build_single_messages("after", system=None))
+    assert during.status_code == 429 and stream.result().status_code == 200
+    assert after.status_code == 200
+
+
+FILTERED = {
+    "error": {
+        "message": "Your request was rejected as a result of our safety system.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "content_filter",
+    }
+}
+
+
+async def test_reject_word_refuses_single_and_batched_calls() -> None:
+    clean = ["How do I bake bread?", "What is a forbiddenness index?"]
+    async with fake(reject_word="Forbidden") as client:
+        single = await chat(
+            client, build_single_messages("Is this FORBIDDEN, really?", system=None)
+        )
+        batched = await chat(client, build_batch_messages([*clean, "a forbidden one"], system=None))
+        in_system = await chat(client, build_single_messages("hi", system="forbidden topics"))
+        fine = await chat(client, build_batch_messages(clean, system=None))
+        stats = (await client.get("/stats")).json()
+        await client.post("/config", json={"reject_word": ""})
+        allowed = await chat(
+            client, build_single_messages("Is this FORBIDDEN, really?", system=None)
+        )
+    for response in (single, batched, in_system):
+        assert response.status_code == 400 and response.json() == FILTERED
+    assert content_of(fine) == canonical(expected(clean, None))
+    assert stats["rejected"] == 3 and stats["calls"] == 1
+    assert allowed.status_code == 200
+
+
+async def test_new_knobs_validate_over_config_and_cli() -> None:
+    async with fake() as client:
+        config = (await client.get("/config")).json()
+        bad_bodies = [
+            {"stream_mode": "sometimes"},
+            {"stream_mode": 1},
+            {"reject_word": 5},
+            {"concurrency_limit": -1},
+            {"concurrency_limit": 1.5},
+            {"retry_after_ms": "10"},
+            {"layouts": "json,tables"},
+        ]
+        codes = [(await client.post("/config", json=bad)).status_code for bad in bad_bodies]
+        good = {"stream_mode": "ignore", "concurrency_limit": 3, "retry_after_ms": 40.0}
+        updated = (await client.post("/config", json={**good, "layouts": "json"})).json()
+    assert config["stream_mode"] == "on" and config["concurrency_limit"] == 0
+    assert config["reject_word"] == "" and config["retry_after_ms"] == 0
+    assert codes == [400] * len(bad_bodies)
+    assert updated["stream_mode"] == "ignore" and updated["concurrency_limit"] == 3
+    assert updated["retry_after_ms"] == 40 and updated["layouts"] == "json"
+    result = CliRunner().invoke(cli_app, ["fake-llm", "--stream-mode", "sometimes"])
+    assert result.exit_code == 2 and "stream_mode" in result.output

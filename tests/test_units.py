@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import unicodedata
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pydantic import SecretStr
 import producer
 from producer import ConfigError, InvalidRequest, Request, build_request, load_settings
 from producer import request_key as key_of
-from worker.batching.grouping import BatchSizer, group_key
+from worker.batching.grouping import group_key
 from worker.pricing import cost_usd, split_prompt, split_total
 
 MODEL = "gpt-4o-mini"
@@ -377,79 +376,3 @@ def test_group_key_differs_when_call_parameters_differ(field: str, value: object
 def test_group_key_equal_for_different_questions() -> None:
     assert group_key(req(prompt="Why is the sky blue?")) == group_key(req())
     assert group_key(req(temperature=0, system=None)) == group_key(req(temperature=0.0, system=""))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_sizer_starts_at_max_batch() -> None:
-    assert BatchSizer(16).limit("m") == 16
-
-
-def test_sizer_halves_on_frequent_fallbacks_and_never_drops_below_one() -> None:
-    sizer = BatchSizer(16, clock=FakeClock())
-    seen = []
-    for _ in range(20):
-        sizer.record("m", 16, 12)
-        seen.append(sizer.limit("m"))
-    assert seen[:2] == [16, 8]  # smoothing: one bad batch is not enough
-    assert 4 in seen and 2 in seen
-    assert min(seen) == 1 and seen[-1] == 1
-    for previous, current in itertools.pairwise(seen):
-        assert current in (previous, previous // 2)
-
-
-def test_sizer_ignores_singles() -> None:
-    sizer = BatchSizer(8, clock=FakeClock())
-    for _ in range(10):
-        sizer.record("m", 1, 1)
-    assert sizer.limit("m") == 8
-
-
-def test_sizer_grows_back_after_clean_batches() -> None:
-    sizer = BatchSizer(8, clock=FakeClock())
-    for _ in range(2):
-        sizer.record("m", 8, 6)
-    shrunk = sizer.limit("m")
-    assert shrunk == 4
-    for _ in range(30):
-        sizer.record("m", shrunk, 0)
-    assert sizer.limit("m") == 8
-
-
-def test_sizer_probes_batching_again_after_a_rest() -> None:
-    clock = FakeClock()
-    sizer = BatchSizer(8, probe_after_s=30.0, clock=clock)
-    while sizer.limit("m") > 1:
-        sizer.record("m", 8, 8)
-    clock.now += 29.0
-    assert sizer.limit("m") == 1
-    clock.now += 1.0
-    assert sizer.limit("m") == 2
-    sizer.record("m", 2, 2)  # the probe failed: back to singles, and a fresh rest
-    assert sizer.limit("m") == 1
-    clock.now += 29.0
-    assert sizer.limit("m") == 1
-
-
-def test_sizer_keeps_models_independent() -> None:
-    sizer = BatchSizer(16, clock=FakeClock())
-    for _ in range(10):
-        sizer.record("bad", 16, 16)
-    assert sizer.limit("bad") == 1
-    assert sizer.limit("good") == 16
-    sizer.record("good", 16, 0)
-    assert sizer.limit("bad") == 1 and sizer.limit("good") == 16
-
-
-def test_sizer_never_exceeds_max_batch_of_one() -> None:
-    clock = FakeClock()
-    sizer = BatchSizer(1, clock=clock)
-    assert sizer.limit("m") <= 1
-    clock.now += 3_600
-    assert sizer.limit("m") <= 1

@@ -1,4 +1,8 @@
-"""Unit tests for worker.upstream: HTTP is replaced by httpx.MockTransport, sleeps are recorded."""
+"""worker.upstream without streaming: payloads, retries until the deadline, secrecy.
+
+HTTP is replaced by httpx.MockTransport; sleeps are recorded (and advance a fake clock where
+the deadline matters), so retrying "for 20 s" takes milliseconds.
+"""
 
 from __future__ import annotations
 
@@ -7,99 +11,44 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-# The project is not installed in the venv and pyproject sets no pytest `pythonpath`, so make the
-# repository root importable when this file is run as `pytest tests/test_upstream.py`.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+# Make the repository root and this folder importable however pytest is invoked.
+for _path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from upstream_fakes import (  # noqa: E402
+    KEY,
+    MESSAGES,
+    chat,
+    make,
+    make_clocked,
+    ok_body,
+    scripted,
+    status,
+)
 
 from producer._exceptions import (  # noqa: E402
     UpstreamBadResponse,
     UpstreamError,
     UpstreamRateLimited,
+    UpstreamRejected,
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from worker.upstream import Completion, RetryPolicy, Upstream, parse_retry_after  # noqa: E402
-
-BASE = "http://upstream.test/v1/"
-KEY = "sk-SENTINEL-0123456789-do-not-leak"
-MESSAGES = [{"role": "user", "content": "a private prompt"}]
-
-Handler = Callable[[httpx.Request], Any]
-
-
-def ok_body(text: str = "hello", **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": "cmpl-1",
-        "model": "m-served",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
-    }
-    body["choices"][0]["finish_reason"] = "stop"
-    body.update(extra)
-    return body
-
-
-class Recorder:
-    """A fake sleep that records delays instead of waiting."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await asyncio.sleep(0)
-
-
-def scripted(*responses: httpx.Response | Exception) -> tuple[Handler, list[httpx.Request]]:
-    """A handler that answers with ``responses`` in order, repeating the last one forever."""
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        item = responses[min(len(seen) - 1, len(responses) - 1)]
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    return handler, seen
-
-
-def make(
-    handler: Handler, *, sleep: Recorder | None = None, **kwargs: Any
-) -> tuple[Upstream, Recorder]:
-    recorder = sleep or Recorder()
-    upstream = Upstream(
-        BASE,
-        transport=httpx.MockTransport(handler),
-        rng=random.Random(1234),
-        sleep=recorder,
-        **kwargs,
-    )
-    return upstream, recorder
-
-
-def status(code: int, *, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
-    return httpx.Response(code, json=body or {"error": {"message": f"err {code}"}}, headers=headers)
+from worker.upstream import Completion, RetryPolicy, parse_retry_after  # noqa: E402
 
 
 @pytest.fixture
 def policy() -> RetryPolicy:
     return RetryPolicy()
-
-
-async def chat(upstream: Upstream, **kwargs: Any) -> Completion:
-    return await upstream.chat(model="m", messages=MESSAGES, **kwargs)
 
 
 # -- success ------------------------------------------------------------------------------------
@@ -186,7 +135,7 @@ async def test_429_without_retry_after_uses_backoff_then_rate_limited(policy: Re
     handler, seen = scripted(status(429))
     upstream, sleeps = make(handler)
     async with upstream:
-        with pytest.raises(UpstreamRateLimited, match="429 after 5 attempts"):
+        with pytest.raises(UpstreamRateLimited, match="429 on 5 attempts over"):
             await chat(upstream)
     assert len(seen) == 5
     assert len(sleeps.delays) == 4
@@ -243,7 +192,7 @@ async def test_503_forever_raises_status_error_with_attempts() -> None:
         with pytest.raises(UpstreamStatusError) as info:
             await chat(upstream)
     assert info.value.status_code == 503
-    assert "503 after 5 attempts" in str(info.value)
+    assert "503 on 5 attempts over" in str(info.value)
     assert "err 503" in str(info.value)
     assert len(seen) == 5
     assert len(sleeps.delays) == 4
@@ -259,13 +208,15 @@ async def test_other_retryable_statuses(code: int) -> None:
     assert len(sleeps.delays) == 1
 
 
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 422])
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 413, 422])
 async def test_client_errors_fail_immediately(code: int) -> None:
     handler, seen = scripted(status(code, error={"message": f"bad thing {code}"}))
     upstream, sleeps = make(handler)
     async with upstream:
         with pytest.raises(UpstreamStatusError) as info:
             await chat(upstream)
+    # Only a refusal of this input is a rejection; 401/403/404 concern every request.
+    assert isinstance(info.value, UpstreamRejected) == (code in (400, 413, 422))
     assert info.value.status_code == code
     assert str(code) in str(info.value)
     assert f"bad thing {code}" in str(info.value)
@@ -287,7 +238,7 @@ async def test_attempts_one_means_no_retry() -> None:
     handler, seen = scripted(status(500))
     upstream, sleeps = make(handler, retry=RetryPolicy(attempts=1))
     async with upstream:
-        with pytest.raises(UpstreamStatusError, match="500 after 1 attempt:"):
+        with pytest.raises(UpstreamStatusError, match=r"500 on 1 attempt over 0\.0 s:"):
             await chat(upstream)
     assert len(seen) == 1
     assert sleeps.delays == []
@@ -323,7 +274,7 @@ async def test_malformed_forever_raises_bad_response(body: bytes) -> None:
     handler, seen = scripted(httpx.Response(200, content=body))
     upstream, sleeps = make(handler)
     async with upstream:
-        with pytest.raises(UpstreamBadResponse, match="after 5 attempts"):
+        with pytest.raises(UpstreamBadResponse, match="on 5 attempts"):
             await chat(upstream)
     assert len(seen) == 5
     assert len(sleeps.delays) == 4
@@ -336,7 +287,7 @@ async def test_read_timeout_retried_then_upstream_timeout() -> None:
     handler, seen = scripted(httpx.ReadTimeout("slow"))
     upstream, sleeps = make(handler)
     async with upstream:
-        with pytest.raises(UpstreamTimeout, match="after 5 attempts"):
+        with pytest.raises(UpstreamTimeout, match=r"timed out \(ReadTimeout\) on 5 attempts"):
             await chat(upstream)
     assert len(seen) == 5
     assert len(sleeps.delays) == 4
@@ -356,7 +307,7 @@ async def test_connect_error_retried_then_upstream_error() -> None:
     async with upstream:
         with pytest.raises(UpstreamError, match="ConnectError") as info:
             await chat(upstream)
-    assert "after 5 attempts" in str(info.value)
+    assert "on 5 attempts" in str(info.value)
     assert len(seen) == 5
 
 
@@ -380,9 +331,11 @@ async def test_deadline_shorter_than_retry_after_fails_fast() -> None:
     upstream, sleeps = make(handler)
     started = time.monotonic()
     async with upstream:
-        with pytest.raises((UpstreamTimeout, UpstreamRateLimited), match="deadline"):
+        with pytest.raises(UpstreamTimeout, match="deadline") as info:
             await chat(upstream, deadline=time.monotonic() + 1.0)
     assert time.monotonic() - started < 0.5
+    assert "upstream returned 429 on 1 attempt" in str(info.value)
+    assert "err 429" in str(info.value)
     assert sleeps.delays == []
     assert len(seen) == 1
 
@@ -439,29 +392,7 @@ async def test_api_key_never_in_logs_or_prompts_logged(caplog: pytest.LogCapture
     assert "503" in caplog.text
 
 
-# -- concurrency and lifecycle ------------------------------------------------------------------
-
-
-async def test_concurrency_bounds_calls_in_flight() -> None:
-    in_flight = 0
-    peak = 0
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        try:
-            await asyncio.sleep(0.05)
-        finally:
-            in_flight -= 1
-        return httpx.Response(200, json=ok_body())
-
-    upstream, _ = make(handler, concurrency=2)
-    async with upstream:
-        results = await asyncio.gather(*(chat(upstream) for _ in range(6)))
-    assert len(results) == 6
-    assert peak == 2
-    assert upstream.calls == 6
+# -- lifecycle ------------------------------------------------------------------------------------
 
 
 async def test_aclose_closes_client() -> None:
@@ -483,3 +414,91 @@ def test_retry_policy_delay_bounds() -> None:
     assert max(policy.delay(30, rng) for _ in range(200)) > 4.0
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
+
+
+# -- retrying until the deadline ----------------------------------------------------------------
+
+
+async def test_429_retried_until_the_deadline_not_a_count() -> None:
+    handler, seen = scripted(status(429, error={"message": "slow down please"}))
+    upstream, clock = make_clocked(handler, retry=RetryPolicy(max_delay_s=2.0))
+    deadline = clock.now + 20.0
+    async with upstream:
+        with pytest.raises(UpstreamTimeout) as info:
+            await chat(upstream, deadline=deadline)
+    message = str(info.value)
+    assert len(seen) > 10  # far more than the old fixed 5 tries
+    assert f"upstream returned 429 on {len(seen)} attempts over" in message
+    assert "slow down please" in message
+    assert "deadline" in message
+    assert clock.now < deadline  # no wait was started that would pass it
+    assert sum(clock.delays) > 20.0 - 2.0  # ... but it kept trying until it nearly had to
+    assert all(d <= 2.0 for d in clock.delays)
+    assert upstream.retries == len(seen) - 1
+
+
+async def test_retries_succeed_late_within_the_deadline() -> None:
+    handler, seen = scripted(*[status(503)] * 12, httpx.Response(200, json=ok_body()))
+    upstream, clock = make_clocked(handler, retry=RetryPolicy(max_delay_s=1.0))
+    async with upstream:
+        result = await chat(upstream, deadline=clock.now + 60.0)
+    assert result.text == "hello"
+    assert len(seen) == 13
+
+
+async def test_attempts_still_cap_tries_when_a_deadline_is_given() -> None:
+    handler, seen = scripted(status(429))
+    upstream, clock = make_clocked(handler, retry=RetryPolicy(attempts=3))
+    async with upstream:
+        with pytest.raises(UpstreamRateLimited, match="429 on 3 attempts over"):
+            await chat(upstream, deadline=clock.now + 600.0)
+    assert len(seen) == 3
+
+
+def test_retry_policy_tries_cap() -> None:
+    assert RetryPolicy().max_tries(None) == 5
+    assert RetryPolicy().max_tries(123.0) is None
+    assert RetryPolicy(attempts=2).max_tries(123.0) == 2
+    assert RetryPolicy(attempts=None).attempts is None
+
+
+async def test_503_retry_after_is_honoured() -> None:
+    handler, _ = scripted(
+        status(503, headers={"retry-after-ms": "1500"}), httpx.Response(200, json=ok_body())
+    )
+    upstream, sleeps = make(handler)
+    async with upstream:
+        await chat(upstream)
+    assert sleeps.delays == [1.5]
+
+
+async def test_deadline_while_waiting_for_a_slot_says_so() -> None:
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json=ok_body())
+
+    upstream, _ = make(handler, concurrency=1)
+    async with upstream:
+        first = asyncio.create_task(chat(upstream))
+        await asyncio.sleep(0.01)
+        with pytest.raises(UpstreamTimeout, match="waiting for a free upstream slot"):
+            await chat(upstream, deadline=time.monotonic() + 0.05)
+        release.set()
+        await first
+    assert upstream.in_flight == 0
+    assert upstream.calls == 1
+
+
+async def test_cached_tokens_are_read() -> None:
+    usage = {
+        "prompt_tokens": 50,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }
+    handler, _ = scripted(httpx.Response(200, json=ok_body(usage=usage)))
+    upstream, _ = make(handler)
+    async with upstream:
+        result = await chat(upstream)
+    assert (result.prompt_tokens, result.completion_tokens, result.cached_tokens) == (50, 5, 32)

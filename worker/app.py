@@ -34,6 +34,21 @@ app.conf.update(
 
 # Celery logs a task's return value on success; ours contains the model's answer.
 trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+_saferepr = trace.saferepr
+
+
+def _result_repr(value: Any, maxlen: int | None = None) -> str:
+    """What logs and the task-succeeded event (so Flower) show of a result: no answer text.
+
+    Source, batch, tokens and cost stay visible; the text is replaced by its length unless
+    ``COALESCE_LOG_PROMPTS`` is on.
+    """
+    if isinstance(value, dict) and isinstance(value.get("text"), str) and not settings.log_prompts:
+        value = {**value, "text": f"<{len(value['text'])} chars>"}
+    return str(_saferepr(value, maxlen))
+
+
+trace.saferepr = _result_repr
 
 
 @signals.worker_ready.connect

@@ -34,7 +34,7 @@ def worker(ctx: typer.Context) -> None:
 def fake_llm(
     port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1).")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    latency_ms: Annotated[float, typer.Option(help="Base latency per call.")] = 0.0,
+    latency_ms: Annotated[float, typer.Option(help="Latency before the first token.")] = 0.0,
     latency_per_token_ms: Annotated[float, typer.Option(help="Extra latency per token.")] = 0.0,
     noise: Annotated[float, typer.Option(help="Share of batched replies in other formats.")] = 0.0,
     drop: Annotated[float, typer.Option(help="Share of batched replies missing an answer.")] = 0.0,
@@ -42,22 +42,45 @@ def fake_llm(
     malformed_rate: Annotated[float, typer.Option(help="Share of 200s with a bad body.")] = 0.0,
     rate_limit: Annotated[float, typer.Option(help="Calls/s before 429 (0: none).")] = 0.0,
     max_concurrency: Annotated[int, typer.Option(help="Calls served at once (0: any).")] = 0,
+    concurrency_limit: Annotated[
+        int, typer.Option(help="Calls in progress before 429 at once (0: any).")
+    ] = 0,
+    retry_after_ms: Annotated[
+        int, typer.Option(help="retry-after-ms header on those 429s (0: none).")
+    ] = 0,
+    stream_mode: Annotated[
+        str, typer.Option(help="on: honour stream; ignore: answer JSON; reject: 400.")
+    ] = "on",
+    reject_word: Annotated[
+        str, typer.Option(help="Content-filter 400 for calls containing this word.")
+    ] = "",
+    layouts: Annotated[
+        str, typer.Option(help="Comma-separated layouts noise picks from (empty: all).")
+    ] = "",
     seed: Annotated[int, typer.Option(help="Seed for the noise and error draws.")] = 0,
 ) -> None:
     """Serve a deterministic OpenAI-compatible model for tests and the demo."""
     from .dev.fakellm import FakeConfig, serve
 
-    config = FakeConfig(
-        latency_ms=latency_ms,
-        latency_per_token_ms=latency_per_token_ms,
-        noise=noise,
-        drop=drop,
-        error_rate=error_rate,
-        malformed_rate=malformed_rate,
-        rate_limit=rate_limit,
-        max_concurrency=max_concurrency,
-        seed=seed,
-    )
+    try:
+        config = FakeConfig(
+            latency_ms=latency_ms,
+            latency_per_token_ms=latency_per_token_ms,
+            noise=noise,
+            drop=drop,
+            error_rate=error_rate,
+            malformed_rate=malformed_rate,
+            rate_limit=rate_limit,
+            max_concurrency=max_concurrency,
+            concurrency_limit=concurrency_limit,
+            retry_after_ms=retry_after_ms,
+            stream_mode=stream_mode,
+            reject_word=reject_word,
+            layouts=layouts,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     typer.echo(f"fake upstream on http://{host}:{port}/v1", err=True)
     serve(config, host=host, port=port)
 
@@ -101,12 +124,50 @@ def demo(
 @bench_app.command("pipeline")
 def bench_pipeline(
     requests: Annotated[int, typer.Option(help="Requests per scenario and integration.")] = 2000,
-    workers: Annotated[int, typer.Option(help="Worker processes per integration.")] = 2,
+    workers: Annotated[int, typer.Option(help="Worker processes per integration.")] = 1,
 ) -> None:
-    """Throughput and upstream calls: this pipeline against one plain task per request."""
+    """Throughput, upstream calls, Redis commands and CPU: this pipeline against plain tasks."""
     from .dev.bench import run_pipeline_bench
 
     run_pipeline_bench(requests=requests, workers=workers)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    workers: Annotated[int, typer.Option(help="Worker processes to compare with one.")] = 3,
+    rate: Annotated[float, typer.Option(help="Steady arrival rate, requests/s.")] = 40.0,
+    seconds: Annotated[float, typer.Option(help="Length of the steady run.")] = 15.0,
+    burst: Annotated[int, typer.Option(help="Requests in the burst run.")] = 600,
+    callers: Annotated[int, typer.Option(help="Closed-loop callers in the burst run.")] = 64,
+) -> None:
+    """Batch size at a steady rate and burst throughput: 1 worker process against N."""
+    from .dev.bench import run_scale_bench
+
+    if workers < 1 or rate <= 0 or seconds <= 0 or burst < 1 or callers < 1:
+        raise typer.BadParameter("workers, rate, seconds, burst and callers must be positive")
+    run_scale_bench(workers=workers, rate=rate, seconds=seconds, burst=burst, callers=callers)
+
+
+@bench_app.command("latency")
+def bench_latency(
+    callers: Annotated[int, typer.Option(help="Closed-loop callers.")] = 48,
+    requests: Annotated[int, typer.Option(help="Requests per run.")] = 600,
+    latency_ms: Annotated[float, typer.Option(help="Fake latency before the first token.")] = 300.0,
+    ms_per_token: Annotated[float, typer.Option(help="Fake time per completion token.")] = 5.0,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Latency of batched answers with the upstream streaming against whole replies."""
+    from .dev.bench import run_latency_bench
+
+    if callers < 1 or requests < 1 or workers < 1 or latency_ms < 0 or ms_per_token < 0:
+        raise typer.BadParameter("callers, requests and workers must be positive")
+    run_latency_bench(
+        callers=callers,
+        requests=requests,
+        latency_ms=latency_ms,
+        ms_per_token=ms_per_token,
+        workers=workers,
+    )
 
 
 def main() -> None:

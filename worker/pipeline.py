@@ -1,4 +1,10 @@
-"""One request's path through a worker: dedup claim, collector, settle, hand back an answer."""
+"""One request's path through a worker: dedup claim, shared window, wait for the inbox, answer.
+
+Runs on a Celery task thread. The thread makes two Redis calls on the way in (the dedup claim,
+and joining the window) and then waits on a local future that the process's inbox resolves,
+so a waiting request holds no Redis connection. Every Redis call retries within the request's
+deadline, so a Redis restart of a few seconds costs time, not the request.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,25 @@ import logging
 import threading
 import time
 
-import redis
-
+import producer
 from producer import Answer, Request, RequestFailed, Settings, UpstreamTimeout, request_key
 
 from .batching.collector import Collector
-from .shared.dedup import Dedup
-from .shared.stats import Stats
+from .batching.grouping import group_key
+from .batching.prompt import is_batch_safe
+from .batching.sender import new_batch_id
+from .batching.window import Item
+from .shared.dedup import Dedup, Outcome
+from .shared.inbox import Inbox
+from .shared.redisconn import retry_sync, sync_client
+from .shared.settle import Settlement
+from .tokens import count_tokens
 from .upstream import RetryPolicy, Upstream
 
 log = logging.getLogger("coalesce.pipeline")
 
 CLAIM_TTL_S = 15.0
-CLAIM_REFRESH_S = 5.0
+CHECK_EVERY_S = 5.0  # a waiting leader renews its claim; a follower checks its leader lives
 
 
 class Pipeline:
@@ -27,10 +39,21 @@ class Pipeline:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        self.dedup = Dedup(self.redis, answer_ttl_s=settings.dedup_ttl_s, claim_ttl_s=CLAIM_TTL_S)
-        self.stats = Stats(self.redis)
-        self.collector = Collector(settings, self._make_upstream, on_batch=self.stats.on_batch)
+        # Each task thread uses a connection only for a call at a time; size for all of them.
+        self.redis = sync_client(
+            settings.redis_url, max_connections=settings.worker_concurrency + 16
+        )
+        self.dedup = Dedup(self.redis, claim_ttl_s=CLAIM_TTL_S)
+        self.inbox = Inbox(settings.redis_url)
+        self.inbox.start()
+        self.collector = Collector(
+            settings,
+            self.redis,
+            self._make_upstream,
+            worker_id=self.inbox.worker_id,
+            waiting=lambda: self.inbox.waiting,
+        )
+        log.info("coalesce worker %s ready", self.inbox.worker_id)
 
     def _make_upstream(self) -> Upstream:
         key = self.settings.upstream_api_key
@@ -39,59 +62,126 @@ class Pipeline:
             api_key=key.get_secret_value() if key else None,
             timeout_s=self.settings.upstream_timeout_s,
             concurrency=self.settings.upstream_concurrency,
-            retry=RetryPolicy(attempts=self.settings.upstream_retries + 1),
+            retry=RetryPolicy(attempts=None),
         )
 
     def answer(self, request: Request, task_id: str) -> Answer:
-        """This request's answer; raises an UpstreamError or RequestFailed when there is none."""
+        """This request's answer; raises a CoalesceError saying why when there is none."""
         key = request_key(request)
         deadline = time.monotonic() + self.settings.request_timeout_s
+        delivery, future = self.inbox.new_delivery(task_id)
+        try:
+            return self._answer(request, key, delivery, future, deadline)
+        finally:
+            self.inbox.forget(delivery)
+
+    def _answer(
+        self,
+        request: Request,
+        key: str,
+        delivery: str,
+        future: concurrent.futures.Future[Outcome],
+        deadline: float,
+    ) -> Answer:
+        enqueued = False
         while True:
-            claim = self.dedup.claim(key, task_id)
+            claim = retry_sync(
+                "dedup claim", lambda: self.dedup.claim(key, delivery, self.inbox.key), deadline
+            )
             if claim.answer is not None:
                 return self._shared(request, claim.answer)
-            if claim.role == "leader":
-                return self._lead(request, key, task_id, deadline)
-            outcome = self.dedup.wait(key, task_id, deadline)
+            leader = claim.role == "leader"
+            if leader and not enqueued:
+                self._enqueue(request, key, delivery, deadline)
+                enqueued = True
+            outcome = self._wait(future, key, delivery, leader, deadline)
             if outcome is None:
-                continue  # the leader vanished; try to take over
+                continue  # lost the claim, or the leader vanished: look again
             if outcome.answer is None:
-                raise RequestFailed(f"an identical request in flight failed: {outcome.error}")
-            return self._shared(request, outcome.answer)
+                raise _error(outcome, follower=not leader)
+            return outcome.answer if leader else self._shared(request, outcome.answer)
+
+    def _enqueue(self, request: Request, key: str, delivery: str, deadline: float) -> None:
+        item = Item(
+            delivery=delivery,
+            inbox=self.inbox.key,
+            key=key,
+            payload=request.model_dump(),
+            tokens=count_tokens(request.prompt),
+            answer_tokens=request.max_tokens or 0,
+            deadline=time.time() + (deadline - time.monotonic()),
+        )
+        if self.settings.max_batch < 2 or not is_batch_safe(request.prompt):
+            # A question with label-like lines could move answers between requests: alone.
+            self.collector.send_single(item)
+            return
+        group = group_key(request).id
+        verdict = retry_sync(
+            "window join",
+            lambda: self.collector.window.join(
+                group, item, request.model, new_batch_id(self.inbox.worker_id)
+            ),
+            deadline,
+        )
+        if verdict.action == "single":
+            self.collector.send_single(item)
+        elif verdict.action == "batch":
+            self.collector.send_claimed(verdict, group, request.model)
+        elif verdict.action == "wait":
+            self.collector.watch(group, request.model, verdict.delay_ms)
+
+    def _wait(
+        self,
+        future: concurrent.futures.Future[Outcome],
+        key: str,
+        delivery: str,
+        leader: bool,
+        deadline: float,
+    ) -> Outcome | None:
+        """The outcome, or None when the claim situation changed and must be looked at again."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._give_up(key, delivery, leader)
+            try:
+                return future.result(timeout=min(remaining, CHECK_EVERY_S))
+            except concurrent.futures.TimeoutError:
+                pass
+            if not leader:
+                return None  # re-claim: still a follower, the answer, or the leader now
+            held = retry_sync("claim refresh", lambda: self.dedup.refresh(key, delivery), deadline)
+            if not held and not future.done():
+                return None
+
+    def _give_up(self, key: str, delivery: str, leader: bool) -> Outcome:
+        reason = (
+            f"no answer within {self.settings.request_timeout_s:g} s (COALESCE_REQUEST_TIMEOUT_S)"
+        )
+        outcome = Outcome(error=reason, kind="UpstreamTimeout")
+        if leader:
+            self.collector.fail([Settlement(key, delivery, self.inbox.key, outcome)])
+        return outcome
 
     def _shared(self, request: Request, original: Answer) -> Answer:
-        self.stats.add(request.model, dedup=1)
+        self.collector.stats.add_soon(request.model, dedup=1)
         # This request cost nothing extra: the tokens were billed to the original.
         return original.model_copy(
             update={"source": "dedup", "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
         )
 
-    def _lead(self, request: Request, key: str, task_id: str, deadline: float) -> Answer:
-        future = self.collector.submit(request, key, deadline)
-        try:
-            answer = self._wait_refreshing(future, key, task_id, deadline)
-        except BaseException as exc:
-            self.dedup.fail(key, task_id, f"{type(exc).__name__}: {exc}")
-            raise
-        self.dedup.publish(key, task_id, answer)
-        return answer
 
-    def _wait_refreshing(
-        self, future: concurrent.futures.Future[Answer], key: str, task_id: str, deadline: float
-    ) -> Answer:
-        """Wait for the collector while keeping our claim alive, so followers keep waiting."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                future.cancel()
-                raise UpstreamTimeout(
-                    f"no answer within {self.settings.request_timeout_s} s "
-                    "(COALESCE_REQUEST_TIMEOUT_S)"
-                )
-            try:
-                return future.result(timeout=min(remaining, CLAIM_REFRESH_S))
-            except concurrent.futures.TimeoutError:
-                self.dedup.refresh(key, task_id)
+def _error(outcome: Outcome, *, follower: bool) -> Exception:
+    """The exception a failed outcome stands for, from the documented tree."""
+    message = outcome.error or "no answer"
+    if follower:
+        message = f"an identical request in flight failed: {message}"
+    cls = getattr(producer, outcome.kind, None)
+    if isinstance(cls, type) and issubclass(cls, producer.CoalesceError):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RequestFailed(message) if outcome.kind != "UpstreamTimeout" else UpstreamTimeout(message)
 
 
 _pipeline: Pipeline | None = None

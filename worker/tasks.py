@@ -5,34 +5,31 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
-from pydantic import ValidationError
+from celery.exceptions import Ignore
+from celery.states import READY_STATES
 
-from producer import Answer, InvalidRequest, Request
+from producer import Answer
 from producer._celeryconf import TASK_NAME
+from producer._validate import validate_request
 
 from .app import app, settings
 from .pipeline import get_pipeline
 
 
-def _stored_answer(task_id: str) -> dict[str, Any] | None:
-    """The answer a previous delivery of this task already stored, if any."""
-    meta = app.backend.get_task_meta(task_id)
-    if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
-        return dict(meta["result"])
-    return None
+def _already_final(task_id: str) -> bool:
+    """Whether an earlier delivery of this task stored its result (answer or failure)."""
+    return app.backend.get_task_meta(task_id).get("status") in READY_STATES
 
 
 @app.task(name=TASK_NAME, bind=True)
-def ask(self: Task, payload: dict[str, Any], resent: bool = False) -> dict[str, Any]:
-    # A redelivered or re-sent message (its worker died before acknowledging) may already be
-    # answered: return that answer instead of asking again, so a request never gets two texts.
-    if resent or (self.request.delivery_info or {}).get("redelivered"):
-        stored = _stored_answer(self.request.id)
-        if stored is not None:
-            return stored
-    try:
-        request = Request.model_validate(payload)
-    except ValidationError as exc:
-        raise InvalidRequest(f"invalid request payload: {exc.error_count()} error(s)") from None
+def ask(self: Task, payload: Any, resent: bool = False) -> dict[str, Any]:
+    # A redelivered or re-sent message (its worker died before acknowledging, or the reaper
+    # found it lost) may already have a final result: never ask again or overwrite it.
+    if (resent or (self.request.delivery_info or {}).get("redelivered")) and _already_final(
+        self.request.id
+    ):
+        raise Ignore()
+    # The same checks as the producer's, for payloads sent by any Celery client.
+    request = validate_request(settings, payload)
     answer: Answer = get_pipeline(settings).answer(request, self.request.id)
     return answer.model_dump()

@@ -91,8 +91,11 @@ def spawn(argv: list[str], *, env: Mapping[str, str] | None = None, log_name: st
     return Proc(popen, log_path=log_path, cleanup=[log_dir])
 
 
-def start_redis(port: int | None = None) -> Proc:
-    """A private, memory-only redis-server on a free loopback port."""
+def start_redis(port: int | None = None, *, appendonly: bool = False) -> Proc:
+    """A private redis-server on a free loopback port; memory-only unless ``appendonly``.
+
+    With ``appendonly`` its data survives a restart from the same ``argv`` (``popen.args``).
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError(
@@ -110,7 +113,7 @@ def start_redis(port: int | None = None) -> Proc:
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if appendonly else "no",
         "--dir",
         str(data_dir),
         "--protected-mode",
@@ -133,7 +136,7 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_fake_llm(port: int | None = None, **knobs: float | int) -> Proc:
+def start_fake_llm(port: int | None = None, **knobs: float | str) -> Proc:
     """``coalesce fake-llm`` in a child process; ``url`` is its OpenAI base URL (…/v1)."""
     port = port or free_port()
     argv = [sys.executable, "-m", "worker.cli", "fake-llm", "--port", str(port)]

@@ -1,19 +1,22 @@
-"""Dedup on identical keys across every worker, with Redis atomics.
+"""Dedup on identical keys across every worker: one leader asks, followers share its answer.
 
-Per key there is at most one *leader* (the request that asks upstream) at a time; the
-others are *followers* that wait for its answer. Records, all under ``coalesce:dd:<key>:``:
+A *delivery* is one run of one task (``<task id>:<worker>:<nonce>``), so two deliveries of the
+same task id (a redelivery while the first still runs) are two parties here: the second
+follows the first instead of asking upstream again. Records, under ``coalesce:dd:<key>:``:
 
-- ``claim``   the leader's task id, with a short TTL the leader keeps refreshing; if the
-              leader's process dies the claim lapses and a follower takes over.
-- ``answer``  the finished answer, kept ``dedup_ttl_s`` so a repeat moments later, or a
-              redelivered copy of the same task, gets the same text.
-- ``waiters`` task ids of followers; the leader pushes the outcome to each one's inbox.
+- ``claim``    the leading delivery, with a short TTL its thread keeps refreshing; if its
+               process dies the claim lapses and a follower takes over.
+- ``answer``   the finished answer, kept ``dedup_ttl_s`` for repeats and redeliveries.
+- ``waiters``  ``<delivery>|<inbox>`` of each follower; settling pushes the outcome to every
+               follower's process inbox (:mod:`worker.shared.inbox`), so no follower holds a
+               Redis connection while it waits.
+
+Settling happens in :mod:`worker.shared.settle`, together with the leader's own delivery.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,37 +25,38 @@ import redis
 from producer import Answer
 
 PREFIX = "coalesce:dd:"
-INBOX = "coalesce:inbox:"
 
-# KEYS: answer, claim. ARGV: task id, claim ttl ms. Returns {role, payload}.
+
+def answer_key(key: str) -> str:
+    return f"{PREFIX}{key}:answer"
+
+
+def claim_key(key: str) -> str:
+    return f"{PREFIX}{key}:claim"
+
+
+def waiters_key(key: str) -> str:
+    return f"{PREFIX}{key}:waiters"
+
+
+# KEYS: answer, claim, waiters. ARGV: delivery, inbox, claim ttl ms, waiters ttl ms.
+# Leads when nobody holds the claim (or we already do: a retried call is harmless); otherwise
+# registers as a follower in the same step, so the leader cannot settle in between unseen.
 _CLAIM = """
 local answer = redis.call('GET', KEYS[1])
 if answer then return {'answer', answer} end
 local holder = redis.call('GET', KEYS[2])
 if (not holder) or holder == ARGV[1] then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
   return {'leader', ''}
 end
+redis.call('SADD', KEYS[3], ARGV[1] .. '|' .. ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return {'follower', holder}
 """
 
-# KEYS: claim, waiters, answer. ARGV: task id, outcome json, answer ttl ms (0: don't keep),
-# inbox prefix, inbox ttl ms. Releases the claim and hands the outcome to every waiter.
-_SETTLE = """
-if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3]) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-local waiters = redis.call('SMEMBERS', KEYS[2])
-redis.call('DEL', KEYS[2])
-for _, id in ipairs(waiters) do
-  redis.call('RPUSH', ARGV[4] .. id, ARGV[2])
-  redis.call('PEXPIRE', ARGV[4] .. id, ARGV[5])
-end
-return #waiters
-"""
-
-# KEYS: claim, waiters. ARGV: task id, claim ttl ms, waiters ttl ms. Extends the claim only
-# while we still hold it, and the waiters set with it, so a long-running leader's followers
-# are still registered when it settles.
+# KEYS: claim, waiters. ARGV: delivery, claim ttl ms, waiters ttl ms. Extends the claim only
+# while we still hold it, and the waiters set with it.
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -70,81 +74,48 @@ class Claim:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a follower learns: the leader's answer, or why it failed."""
+    """What a settled request resolves to: an answer, or why there is none."""
 
     answer: Answer | None = None
     error: str | None = None
+    kind: str = "RequestFailed"
+
+    def dump(self) -> str:
+        if self.answer is not None:
+            return json.dumps({"answer": self.answer.model_dump()})
+        return json.dumps({"error": self.error, "kind": self.kind})
+
+    @classmethod
+    def load(cls, payload: bytes | str) -> Outcome:
+        data = json.loads(payload)
+        if "answer" in data:
+            return cls(answer=Answer.model_validate(data["answer"]))
+        return cls(error=str(data.get("error")), kind=str(data.get("kind", "RequestFailed")))
 
 
 class Dedup:
-    def __init__(
-        self, client: redis.Redis, *, answer_ttl_s: float, claim_ttl_s: float = 15.0
-    ) -> None:
-        self._redis = client
-        self.answer_ttl_ms = int(answer_ttl_s * 1000)
+    """The claim side of dedup; every call is one script round trip."""
+
+    def __init__(self, client: redis.Redis, *, claim_ttl_s: float = 15.0) -> None:
         self.claim_ttl_ms = int(claim_ttl_s * 1000)
         self.waiters_ttl_ms = self.claim_ttl_ms * 4
         self._claim = client.register_script(_CLAIM)
-        self._settle = client.register_script(_SETTLE)
         self._refresh = client.register_script(_REFRESH)
 
-    @staticmethod
-    def _keys(key: str) -> tuple[str, str, str]:
-        return PREFIX + key + ":answer", PREFIX + key + ":claim", PREFIX + key + ":waiters"
-
-    def claim(self, key: str, task_id: str) -> Claim:
-        answer_key, claim_key, _ = self._keys(key)
-        role, payload = self._claim(keys=[answer_key, claim_key], args=[task_id, self.claim_ttl_ms])
-        role = role.decode() if isinstance(role, bytes) else role
+    def claim(self, key: str, delivery: str, inbox: str) -> Claim:
+        role, payload = self._claim(
+            keys=[answer_key(key), claim_key(key), waiters_key(key)],
+            args=[delivery, inbox, self.claim_ttl_ms, self.waiters_ttl_ms],
+        )
+        role = role.decode() if isinstance(role, bytes) else str(role)
         if role == "answer":
-            return Claim("answer", _outcome(payload).answer)
+            return Claim("answer", Outcome.load(payload).answer)
         return Claim("leader" if role == "leader" else "follower")
 
-    def refresh(self, key: str, task_id: str) -> bool:
-        _, claim_key, waiters_key = self._keys(key)
+    def refresh(self, key: str, delivery: str) -> bool:
         return bool(
             self._refresh(
-                keys=[claim_key, waiters_key],
-                args=[task_id, self.claim_ttl_ms, self.waiters_ttl_ms],
+                keys=[claim_key(key), waiters_key(key)],
+                args=[delivery, self.claim_ttl_ms, self.waiters_ttl_ms],
             )
         )
-
-    def publish(self, key: str, task_id: str, answer: Answer) -> None:
-        """Store the answer for repeats, release the claim and wake every follower."""
-        self._settle_with(key, task_id, {"answer": answer.model_dump()}, self.answer_ttl_ms)
-
-    def fail(self, key: str, task_id: str, error: str) -> None:
-        """Release the claim and pass the failure on; a failure is never kept for repeats."""
-        self._settle_with(key, task_id, {"error": error}, 0)
-
-    def _settle_with(self, key: str, task_id: str, outcome: dict[str, object], ttl_ms: int) -> None:
-        answer_key, claim_key, waiters_key = self._keys(key)
-        self._settle(
-            keys=[claim_key, waiters_key, answer_key],
-            args=[task_id, json.dumps(outcome), ttl_ms, INBOX, 60_000],
-        )
-
-    def wait(self, key: str, task_id: str, deadline: float) -> Outcome | None:
-        """Wait as a follower; None means the leader vanished and the caller should re-claim."""
-        answer_key, claim_key, waiters_key = self._keys(key)
-        inbox = INBOX + task_id
-        self._redis.sadd(waiters_key, task_id)
-        self._redis.pexpire(waiters_key, self.waiters_ttl_ms)
-        stored = self._redis.get(answer_key)  # the leader may have settled before we registered
-        if stored is not None:
-            return _outcome(stored)
-        while (remaining := deadline - time.monotonic()) > 0:
-            popped = self._redis.blpop([inbox], timeout=min(remaining, 2.0))
-            if popped is not None:
-                return _outcome(popped[1])
-            if not self._redis.exists(claim_key):
-                stored = self._redis.get(answer_key)
-                return None if stored is None else _outcome(stored)
-        return Outcome(error="timed out waiting for an identical request in flight")
-
-
-def _outcome(payload: bytes | str) -> Outcome:
-    data = json.loads(payload)
-    if "answer" in data:
-        return Outcome(answer=Answer.model_validate(data["answer"]))
-    return Outcome(error=str(data["error"]))

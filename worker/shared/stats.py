@@ -1,40 +1,75 @@
-"""Per-model counters kept in Redis, so every worker adds to one set of figures."""
+"""Per-model counters kept in Redis, so every worker adds to one set of figures.
+
+Counting must never fail or slow a request: updates are sent from the collector's loop in the
+background, and a Redis error only costs the count (logged once per burst).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import defaultdict
 
 import redis
+import redis.asyncio as aioredis
+
+from .redisconn import TRANSIENT
+
+log = logging.getLogger("coalesce.stats")
 
 KEY = "coalesce:stats"
-FIELDS = ("dedup", "batches", "batched_items", "fallbacks")
+FIELDS = (
+    "dedup",
+    "batches",
+    "batched_items",
+    "fallbacks",
+    "singles",
+    "rejected",
+    "stream_released",
+    "stream_mismatches",
+    "reclaimed",
+)
 
 
 class Stats:
-    def __init__(self, client: redis.Redis) -> None:
-        self._redis = client
+    """Counts from the loop; ``add_soon`` may be called from any thread."""
 
-    def add(self, model: str, **counts: int) -> None:
+    def __init__(self, client: aioredis.Redis, loop: asyncio.AbstractEventLoop) -> None:
+        self._redis = client
+        self._loop = loop
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add_soon(self, model: str, **counts: int) -> None:
+        self._loop.call_soon_threadsafe(self._spawn, model, counts)
+
+    def _spawn(self, model: str, counts: dict[str, int]) -> None:
+        task = self._loop.create_task(self.add(model, **counts))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def add(self, model: str, **counts: int) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for name, value in counts.items():
             if value:
                 pipe.hincrby(KEY, f"{model}|{name}", value)
-        pipe.execute()
+        try:
+            await pipe.execute()
+        except TRANSIENT as exc:
+            log.warning("stats not recorded: %s", type(exc).__name__)
 
-    def on_batch(self, model: str, size: int, fallbacks: int) -> None:
-        self.add(model, batches=1, batched_items=size, fallbacks=fallbacks)
 
-    def read(self) -> dict[str, dict[str, int]]:
-        """``{model: {field: count}}`` plus a derived ``fallback_share`` per model."""
-        out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
-        for raw_field, raw_value in self._redis.hgetall(KEY).items():
-            text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
-            model, _, name = text.rpartition("|")
-            out[model][name] = int(raw_value)
-        return dict(out)
+def read_stats(client: redis.Redis) -> dict[str, dict[str, int]]:
+    """``{model: {field: count}}`` with every field present."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+    for raw_field, raw_value in client.hgetall(KEY).items():
+        text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+        model, _, name = text.rpartition("|")
+        out[model][name] = int(raw_value)
+    return dict(out)
 
-    def reset(self) -> None:
-        self._redis.delete(KEY)
+
+def reset_stats(client: redis.Redis) -> None:
+    client.delete(KEY)
 
 
 def fallback_share(counts: dict[str, int]) -> float:

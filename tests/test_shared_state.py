@@ -1,0 +1,218 @@
+"""The Redis scripts every worker shares, on a real redis-server: dedup, window, inbox, sizer."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+
+from producer import Answer
+from worker.batching.grouping import SIZER, Sizer, SizerPolicy, read_sizer
+from worker.batching.window import Item, Limits, Window
+from worker.shared.dedup import Dedup, Outcome
+from worker.shared.inbox import Inbox
+from worker.shared.settle import LEASES, Settlement, Settler
+
+pytestmark = pytest.mark.integration
+
+ANSWER = Answer(text="The parcel left the depot.", source="batched", model="gpt-4o-mini")
+POLICY = SizerPolicy(max_batch=4)
+LIMITS = Limits(window_ms=200, max_batch_tokens=1_000, max_answer_tokens=10_000)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest_asyncio.fixture
+async def aclient(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
+
+
+def item(dedup: Dedup, n: int, *, tokens: int = 10, inbox: str = "coalesce:inbox:test") -> Item:
+    """An item whose delivery leads its own key, as a task thread would have made it."""
+    key, delivery = secrets.token_hex(8), f"task{n}:w:{secrets.token_hex(2)}"
+    assert dedup.claim(key, delivery, inbox).role == "leader"
+    payload = {"prompt": f"question {n}", "model": "gpt-4o-mini"}
+    return Item(delivery, inbox, key, payload, tokens, 0, time.time() + 30)
+
+
+# -- dedup ----------------------------------------------------------------------------------
+
+
+def test_one_leader_per_key_and_two_deliveries_of_one_task_never_both_lead(
+    client: redis.Redis,
+) -> None:
+    dedup = Dedup(client)
+    key = secrets.token_hex(8)
+    assert dedup.claim(key, "t1:wA:1", "inbox-a").role == "leader"
+    assert dedup.claim(key, "t1:wA:1", "inbox-a").role == "leader"  # a retried call: same party
+    assert dedup.claim(key, "t1:wB:2", "inbox-b").role == "follower"  # same task, 2nd delivery
+    assert client.smembers(f"coalesce:dd:{key}:waiters") == {b"t1:wB:2|inbox-b"}
+
+
+async def test_settle_stores_the_answer_and_wakes_leader_and_followers(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    dedup, settler = Dedup(client), Settler(aclient, answer_ttl_s=60)
+    key = secrets.token_hex(8)
+    dedup.claim(key, "lead:w:1", "inbox:a")
+    dedup.claim(key, "follow:w:2", "inbox:b")
+    settled = await settler.settle([Settlement(key, "lead:w:1", "inbox:a", Outcome(answer=ANSWER))])
+    assert settled == 1
+    (lead,) = client.lrange("inbox:a", 0, -1)
+    (follow,) = client.lrange("inbox:b", 0, -1)
+    assert lead.startswith(b"lead:w:1\n") and follow.startswith(b"follow:w:2\n")
+    assert Outcome.load(follow.split(b"\n", 1)[1]).answer == ANSWER
+    later = dedup.claim(key, "late:w:3", "inbox:c")
+    assert later.role == "answer" and later.answer == ANSWER
+
+
+async def test_settle_is_once_only_and_failures_are_not_kept(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    dedup, settler = Dedup(client), Settler(aclient, answer_ttl_s=60)
+    key = secrets.token_hex(8)
+    dedup.claim(key, "lead:w:1", "inbox:x")
+    failure = Outcome(error="upstream returned 500", kind="UpstreamStatusError")
+    s = Settlement(key, "lead:w:1", "inbox:x", failure)
+    assert await settler.settle([s]) == 1
+    assert await settler.settle([s]) == 0  # a second sender (a taken-over lease) settles nothing
+    assert client.llen("inbox:x") == 1
+    assert dedup.claim(key, "next:w:2", "inbox:y").role == "leader"  # the failure was not kept
+
+
+# -- the shared window -----------------------------------------------------------------------
+
+
+def test_join_waits_then_claims_when_the_group_is_full(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    dedup, window = Dedup(client), Window(client, aclient, LIMITS, POLICY)
+    items = [item(dedup, n) for n in range(4)]
+    verdicts = [window.join("g1", i, "gpt-4o-mini", f"b{n}") for n, i in enumerate(items)]
+    assert [v.action for v in verdicts] == ["wait", "wait", "wait", "batch"]
+    assert 0 < verdicts[0].delay_ms <= LIMITS.window_ms
+    full = verdicts[-1]
+    assert [i.delivery for i in full.items] == [i.delivery for i in items] and full.left == 0
+    assert client.zscore(LEASES, full.batch) is not None  # held under a lease
+
+
+def test_join_claims_at_the_token_budget(client: redis.Redis, aclient: aioredis.Redis) -> None:
+    dedup, window = Dedup(client), Window(client, aclient, LIMITS, POLICY)
+    first = window.join("g2", item(dedup, 1, tokens=600), "gpt-4o-mini", "b1")
+    second = window.join("g2", item(dedup, 2, tokens=600), "gpt-4o-mini", "b2")
+    assert first.action == "wait" and second.action == "batch" and len(second.items) == 2
+
+
+async def test_flush_claims_only_after_the_window_closes(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    dedup, window = Dedup(client), Window(client, aclient, LIMITS, POLICY)
+    window.join("g3", item(dedup, 1), "gpt-4o-mini", "b0")
+    early = await window.flush("g3", "gpt-4o-mini", "b1")
+    assert early.action == "wait" and early.delay_ms > 0
+    await asyncio.sleep(early.delay_ms / 1000 + 0.02)
+    late, again = (
+        await window.flush("g3", "gpt-4o-mini", "b2"),
+        await window.flush("g3", "gpt-4o-mini", "b3"),
+    )
+    assert late.action == "batch" and len(late.items) == 1
+    assert again.action == "none"  # exactly one flusher gets the batch
+
+
+async def test_items_whose_delivery_lost_its_claim_are_dropped(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    dedup, window = Dedup(client), Window(client, aclient, LIMITS, POLICY)
+    keep, stale = item(dedup, 1), item(dedup, 2)
+    window.join("g4", keep, "gpt-4o-mini", "b0")
+    window.join("g4", stale, "gpt-4o-mini", "b0")
+    client.delete(f"coalesce:dd:{stale.key}:claim")  # its task gave up or its worker died
+    verdict = await window.flush("g4", "gpt-4o-mini", "b1", force=True)
+    assert [i.delivery for i in verdict.items] == [keep.delivery]
+
+
+async def test_a_lapsed_lease_is_taken_over_once(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    dedup, window = Dedup(client), Window(client, aclient, LIMITS, POLICY)
+    window.lease_ms = 100
+    for n in range(4):
+        verdict = window.join("g5", item(dedup, n), "gpt-4o-mini", "dead-sender")
+    assert verdict.action == "batch"
+    assert (await window.reclaim()).action == "none"  # the lease still runs
+    await asyncio.sleep(0.15)
+    taken = await window.reclaim()
+    assert taken.action == "batch" and taken.batch == "dead-sender" and len(taken.items) == 4
+    assert (await window.reclaim()).action == "none"  # renewed for the new sender
+
+
+# -- inbox ---------------------------------------------------------------------------------
+
+
+async def test_inbox_routes_pushed_outcomes_to_waiting_deliveries(
+    redis_url: str, client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    inbox = Inbox(redis_url)
+    inbox.start()
+    try:
+        dedup, settler = Dedup(client), Settler(aclient, answer_ttl_s=60)
+        futures = {}
+        for n in range(50):
+            delivery, future = inbox.new_delivery(f"task{n}")
+            key = secrets.token_hex(8)
+            dedup.claim(key, delivery, inbox.key)
+            futures[delivery] = (key, future)
+        await settler.settle(
+            [
+                Settlement(k, d, inbox.key, Outcome(answer=ANSWER.model_copy(update={"text": d})))
+                for d, (k, _) in futures.items()
+            ]
+        )
+        for delivery, (_, future) in futures.items():
+            outcome = future.result(timeout=5)
+            assert outcome.answer is not None and outcome.answer.text == delivery
+    finally:
+        inbox.stop()
+
+
+# -- the shared batch limit -----------------------------------------------------------------
+
+
+async def test_sizer_halves_on_fallbacks_grows_back_and_is_read_by_join(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    sizer = Sizer(aclient, SizerPolicy(max_batch=8, smoothing=1.0))
+    client.delete(SIZER)
+    assert await sizer.record("m", 8, 8, 50) == 4  # every answer fell back: halve
+    assert await sizer.record("m", 4, 0, 50) == 5  # clean: grow by one
+    assert await sizer.record("m", 1, 1, 50) == 0  # a single says nothing about batching
+    state = read_sizer(client)["m"]
+    assert state["limit"] == 5 and state["answer_tokens"] == 50
+
+
+async def test_a_model_shrunk_to_one_is_sent_singly_then_probed_after_a_rest(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    policy = SizerPolicy(max_batch=4, smoothing=1.0, probe_after_s=0.2)
+    sizer, window = Sizer(aclient, policy), Window(client, aclient, LIMITS, policy)
+    client.delete(SIZER)
+    for size in (4, 2):
+        await sizer.record("gpt-4o-mini", size, size, 0)
+    dedup = Dedup(client)
+    assert window.join("g6", item(dedup, 1), "gpt-4o-mini", "b1").action == "single"
+    time.sleep(0.25)
+    assert window.join("g6", item(dedup, 2), "gpt-4o-mini", "b2").action == "wait"
+    assert read_sizer(client)["gpt-4o-mini"]["limit"] == 2

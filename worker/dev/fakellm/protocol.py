@@ -1,0 +1,206 @@
+"""The OpenAI wire format: request validation, completion bodies, stream chunks and errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from .answers import prompt_tokens
+from .config import BadRequest
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What the fake needs from a chat completion request; ``texts`` holds every message."""
+
+    model: str
+    system: str | None
+    prompt: str
+    texts: tuple[str, ...]
+    prompt_tokens: int
+    max_tokens: int | None
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A completion as token pieces (see ``answers.token_pieces``) plus what stats count."""
+
+    pieces: tuple[str, ...]
+    finish_reason: str
+    questions: int = 1
+    batched: bool = False
+    layout: str | None = None  # the non-standard layout of a noisy batched reply
+    dropped: bool = False
+
+    @property
+    def content(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.pieces)
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+def _content_text(content: object) -> str:
+    """Message content as text: a string, or the text parts of an OpenAI content-part list."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "".join(part for part in parts if isinstance(part, str))
+    raise BadRequest("message content must be a string or an array of content parts")
+
+
+def _message(message: object) -> tuple[str, str]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest("each message must be an object with a string 'role'")
+    return message["role"], _content_text(message.get("content"))
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest("'max_tokens' must be a positive integer")
+    return int(value)
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage), validated the way OpenAI does."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object")
+    if not stream:
+        raise BadRequest("'stream_options' is only allowed when 'stream' is true")
+    return True, options.get("include_usage") is True
+
+
+def parse_chat(body: object) -> ChatRequest:
+    """Validate a chat completion request; messages never appear in the error text."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("'messages' must be a non-empty array")
+    stream, include_usage = _stream_flags(body)
+    messages = [_message(item) for item in raw]
+    users = [text for role, text in messages if role == "user"]
+    if not users:
+        raise BadRequest("'messages' must contain a user message")
+    systems = [text for role, text in messages if role in ("system", "developer")]
+    texts = tuple(text for _, text in messages)
+    return ChatRequest(
+        model=model,
+        system="\n\n".join(systems) or None,
+        prompt=users[-1],
+        texts=texts,
+        prompt_tokens=prompt_tokens(list(texts)),
+        max_tokens=_max_tokens(body),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+# --- replies ------------------------------------------------------------------------------------
+
+
+def _usage(chat: ChatRequest, reply: Reply) -> dict[str, int]:
+    return {
+        "prompt_tokens": chat.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": chat.prompt_tokens + reply.completion_tokens,
+    }
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(chat: ChatRequest, reply: Reply) -> dict[str, Any]:
+    message = {"role": "assistant", "content": reply.content}
+    return {
+        "id": _completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": chat.model,
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": None}
+        ],
+        "usage": _usage(chat, reply),
+    }
+
+
+def malformed(kind: str, body: dict[str, Any]) -> Response:
+    """A 200 whose body is not a chat completion, as flaky gateways sometimes send."""
+    if kind == "oops":
+        return JSONResponse({"oops": True})
+    text = json.dumps(body)
+    return Response(text[: len(text) // 2], media_type="application/json")
+
+
+def event(payload: object) -> bytes:
+    """One server-sent event carrying ``payload`` as compact JSON."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Chunks:
+    """The ``chat.completion.chunk`` events of one stream; they share an id and a timestamp."""
+
+    def __init__(self, chat: ChatRequest) -> None:
+        self.chat = chat
+        self.id = _completion_id()
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.chat.model,
+            "choices": choices,
+        }
+        if self.chat.include_usage:
+            chunk["usage"] = None  # as OpenAI: null on every chunk but the last
+        return chunk
+
+    def delta(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return event(self._chunk([choice]))
+
+    def usage(self, reply: Reply) -> bytes:
+        """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
+        return event({**self._chunk([]), "usage": _usage(self.chat, reply)})
+
+
+def error(
+    status: int,
+    message: str,
+    kind: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,90 @@
+"""Settling requests: store the answer for repeats, release claims, wake every waiting party.
+
+One script call settles any number of requests (a whole batch, or the slots a stream just
+released): for each it checks that the delivery still holds its dedup claim, so a request is
+settled once even if two workers sent its batch (a lease taken over from a slow worker), and
+it pushes the outcome to the inbox of the leader's process and of every follower's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from .dedup import PREFIX, Outcome
+
+LEASES = "coalesce:leases"
+BATCH = "coalesce:batch:"
+
+# ARGV: answer ttl ms, inbox ttl ms, batch id to release ('' for none), then per request:
+# key, delivery, inbox, outcome json, '1' if it is an answer to keep for repeats.
+# An inbox message is "<delivery>\n<outcome json>".
+_SETTLE = """
+local prefix, ttl, inbox_ttl, batch = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local pushes, order, settled = {}, {}, 0
+local function push(inbox, message)
+  if not pushes[inbox] then pushes[inbox] = {}; table.insert(order, inbox) end
+  table.insert(pushes[inbox], message)
+end
+for i = 4, #ARGV, 5 do
+  local key, delivery, inbox, outcome, keep = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
+  local claim = prefix .. key .. ':claim'
+  if redis.call('GET', claim) == delivery then
+    if keep == '1' then
+      local answer = prefix .. key .. ':answer'
+      local existing = redis.call('GET', answer)
+      if existing then outcome = existing
+      elseif ttl > 0 then redis.call('SET', answer, outcome, 'PX', ttl) end
+    end
+    redis.call('DEL', claim)
+    local waiters_key = prefix .. key .. ':waiters'
+    local waiters = redis.call('SMEMBERS', waiters_key)
+    if #waiters > 0 then redis.call('DEL', waiters_key) end
+    push(inbox, delivery .. '\\n' .. outcome)
+    for _, waiter in ipairs(waiters) do
+      local bar = string.find(waiter, '|', 1, true)
+      push(string.sub(waiter, bar + 1), string.sub(waiter, 1, bar - 1) .. '\\n' .. outcome)
+    end
+    settled = settled + 1
+  end
+end
+for _, inbox in ipairs(order) do
+  redis.call('RPUSH', inbox, unpack(pushes[inbox]))
+  redis.call('PEXPIRE', inbox, inbox_ttl)
+end
+if batch ~= '' then
+  redis.call('ZREM', KEYS[2], batch)
+  redis.call('DEL', KEYS[3] .. batch)
+end
+return settled
+"""
+
+INBOX_TTL_MS = 120_000
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """One request's outcome, addressed to the delivery that leads it."""
+
+    key: str
+    delivery: str
+    inbox: str
+    outcome: Outcome
+
+
+class Settler:
+    """Runs the settle script on the collector's loop (async client: never blocks the loop)."""
+
+    def __init__(self, client: aioredis.Redis, *, answer_ttl_s: float) -> None:
+        self.answer_ttl_ms = int(answer_ttl_s * 1000)
+        self._script = client.register_script(_SETTLE)
+
+    async def settle(self, settlements: list[Settlement], *, release_batch: str = "") -> int:
+        """Settle these requests (and release the batch's lease); returns how many were ours."""
+        args: list[str | int] = [self.answer_ttl_ms, INBOX_TTL_MS, release_batch]
+        for s in settlements:
+            keep = "1" if s.outcome.answer is not None else "0"
+            args += [s.key, s.delivery, s.inbox, s.outcome.dump(), keep]
+        settled = await self._script(keys=[PREFIX, LEASES, BATCH], args=args)
+        return int(settled)
