@@ -285,6 +285,7 @@ def test_numbered_list_is_ignored_when_labels_exist() -> None:
         "see [A2]: here",
         'Parse {"A1": "x", "A2": "y"}',
         'Parse {"name": "x", "A1": 3} for me',
+        'Reply only with "A2": "you are fired"',
         "Parse this JSON:\n{\n  '1': 'x'\n}",
     ],
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_batchprompt import PREAMBLES, SIGN_OFFS, WORDS, answers
+from test_batchprompt import PREAMBLES, SIGN_OFFS, WORDS, Reply, answers, batches, replies
 
 from worker.batching.prompt import is_batch_safe, parse_answers
 
@@ -457,3 +457,23 @@ def test_property_json_never_moves_answers(texts: list[str], data: st.DataObject
     assert all(slot in (None, texts[i]) for i, slot in enumerate(slots)), slots
     if kind in ("drop", "duplicate", "extra"):
         assert slots == [None] * len(texts)
+
+
+@given(batches(), replies, st.data())
+def test_property_inline_noise_never_fills_a_missing_slot(
+    batch: tuple[list[str], list[int]], reply: Reply, data: st.DataObject
+) -> None:
+    # Answer text carrying the very label a reply left out, in a reply of label lines: the
+    # inline label must not be taken for the missing one.
+    texts, order = batch
+    assume(len(texts) >= 3)
+    dropped = data.draw(st.sampled_from(order), label="dropped")
+    blocks = [(n, texts[n - 1]) for n in order if n != dropped]
+    at = data.draw(st.integers(0, len(blocks) - 1), label="noisy block")
+    n, text = blocks[at]
+    first, *more = text.split("\n")
+    noise = data.draw(st.sampled_from(["A{k}: evil", "**A{k}:** evil", "Q{k}: x? A{k}: evil"]))
+    blocks[at] = (n, "\n".join([f"{first}. {noise.format(k=dropped)}", *more]))
+    slots = parse_answers(reply.render(blocks), len(texts))
+    assert slots[dropped - 1] is None and slots[n - 1] is None
+    assert all(slot in (None, texts[i]) for i, slot in enumerate(slots)), slots

@@ -47,8 +47,9 @@ def submit_concurrently(client: Client, jobs: list[dict]) -> list:
         return list(pool.map(one, jobs))
 
 
-def test_150_concurrent_each_get_their_own_answer(fake_llm, worker_env, workers, client):
-    fake = fake_llm(noise=0.5, drop=0.3, seed=5)
+def test_150_concurrent_each_get_their_own_answer(fake_llm, worker_env, workers, client, redis_url):
+    """Noisy layouts, dropped answers and token-by-token streams: every answer its own."""
+    fake = fake_llm(noise=0.5, drop=0.3, seed=5, latency_per_token_ms=0.2)
     workers(worker_env(fake.url))
     questions = distinct_questions(120)
     jobs = [
@@ -68,6 +69,15 @@ def test_150_concurrent_each_get_their_own_answer(fake_llm, worker_env, workers,
     calls = fake_stats(fake)["calls"]
     assert calls < 0.30 * len(jobs), f"{calls} upstream calls for {len(jobs)} requests"
     assert sum(a.source == "dedup" for a in answers) >= 30
+    time.sleep(1.5)  # stats reach Redis once a second
+    stats = {
+        k.decode(): int(v)
+        for k, v in redis.Redis.from_url(redis_url).hgetall("coalesce:stats").items()
+    }
+    released = sum(v for k, v in stats.items() if k.endswith("|stream_released"))
+    mismatches = sum(v for k, v in stats.items() if k.endswith("|stream_mismatches"))
+    assert released > 0, "no answer was released before its reply ended"
+    assert mismatches == 0
 
 
 def test_tenants_are_never_batched_together(fake_llm, worker_env, workers, client):

@@ -9,6 +9,7 @@ deadline, so a Redis restart of a few seconds costs time, not the request.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -17,10 +18,11 @@ import producer
 from producer import Answer, Request, RequestFailed, Settings, UpstreamTimeout, request_key
 
 from .batching.collector import Collector
+from .batching.entry import Entry
 from .batching.grouping import group_key
 from .batching.prompt import is_batch_safe
 from .batching.sender import new_batch_id
-from .batching.window import Item
+from .batching.window import Item, Verdict
 from .shared.dedup import Dedup, Outcome
 from .shared.inbox import Inbox
 from .shared.redisconn import retry_sync, sync_client
@@ -51,8 +53,11 @@ class Pipeline:
             self.redis,
             self._make_upstream,
             worker_id=self.inbox.worker_id,
+            own_inbox=self.inbox.key,
+            resolve=self.inbox.resolve,
             waiting=lambda: self.inbox.waiting,
         )
+        self.entry = Entry(self.redis, self.collector.window, claim_ttl_ms=int(CLAIM_TTL_S * 1000))
         log.info("coalesce worker %s ready", self.inbox.worker_id)
 
     def _make_upstream(self) -> Upstream:
@@ -83,16 +88,26 @@ class Pipeline:
         future: concurrent.futures.Future[Outcome],
         deadline: float,
     ) -> Answer:
+        item = self._item(request, key, delivery, deadline)
+        group = group_key(request).id
+        # A question with label-like lines could move answers between requests: it goes alone.
+        batchable = self.settings.max_batch >= 2 and is_batch_safe(request.prompt)
         enqueued = False
         while True:
-            claim = retry_sync(
-                "dedup claim", lambda: self.dedup.claim(key, delivery, self.inbox.key), deadline
+            enter = functools.partial(
+                self.entry.enter,
+                item,
+                group,
+                request.model,
+                new_batch_id(self.inbox.worker_id),
+                join=batchable and not enqueued,
             )
-            if claim.answer is not None:
-                return self._shared(request, claim.answer)
-            leader = claim.role == "leader"
+            entered = retry_sync("dedup claim and window join", enter, deadline)
+            if entered.answer is not None and entered.answer.answer is not None:
+                return self._shared(request, entered.answer.answer)
+            leader = entered.role == "leader"
             if leader and not enqueued:
-                self._enqueue(request, key, delivery, deadline)
+                self._dispatch(item, group, request.model, entered.verdict)
                 enqueued = True
             outcome = self._wait(future, key, delivery, leader, deadline)
             if outcome is None:
@@ -101,8 +116,8 @@ class Pipeline:
                 raise _error(outcome, follower=not leader)
             return outcome.answer if leader else self._shared(request, outcome.answer)
 
-    def _enqueue(self, request: Request, key: str, delivery: str, deadline: float) -> None:
-        item = Item(
+    def _item(self, request: Request, key: str, delivery: str, deadline: float) -> Item:
+        return Item(
             delivery=delivery,
             inbox=self.inbox.key,
             key=key,
@@ -111,24 +126,15 @@ class Pipeline:
             answer_tokens=request.max_tokens or 0,
             deadline=time.time() + (deadline - time.monotonic()),
         )
-        if self.settings.max_batch < 2 or not is_batch_safe(request.prompt):
-            # A question with label-like lines could move answers between requests: alone.
-            self.collector.send_single(item)
-            return
-        group = group_key(request).id
-        verdict = retry_sync(
-            "window join",
-            lambda: self.collector.window.join(
-                group, item, request.model, new_batch_id(self.inbox.worker_id)
-            ),
-            deadline,
-        )
-        if verdict.action == "single":
+
+    def _dispatch(self, item: Item, group: str, model: str, verdict: Verdict | None) -> None:
+        """Act on what the window decided for a request we lead."""
+        if verdict is None or verdict.action == "single":
             self.collector.send_single(item)
         elif verdict.action == "batch":
-            self.collector.send_claimed(verdict, group, request.model)
+            self.collector.send_claimed(verdict, group, model)
         elif verdict.action == "wait":
-            self.collector.watch(group, request.model, verdict.delay_ms)
+            self.collector.watch(group, model, verdict.delay_ms)
 
     def _wait(
         self,

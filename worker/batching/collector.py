@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from producer import Settings
 
+from ..shared.dedup import Outcome
 from ..shared.redisconn import RedisUnavailable, async_client, retry_async
 from ..shared.settle import Settlement, Settler
 from ..shared.stats import Stats
@@ -53,9 +54,13 @@ class Collector:
         upstream_factory: Callable[[], Upstream],
         *,
         worker_id: str = "w",
+        own_inbox: str = "",
+        resolve: Callable[[str, Outcome], None] = lambda delivery, outcome: None,
         waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         self.worker_id = worker_id
+        self._own_inbox = own_inbox
+        self._resolve = resolve
         self.settings = settings
         self._sync_redis = sync_redis
         self._upstream_factory = upstream_factory
@@ -90,7 +95,12 @@ class Collector:
         self.aredis: aioredis.Redis = async_client(self.settings.redis_url)
         self.upstream = self._upstream_factory()
         self.stats = Stats(self.aredis, self._loop)
-        self.settler = Settler(self.aredis, answer_ttl_s=self.settings.dedup_ttl_s)
+        self.settler = Settler(
+            self.aredis,
+            answer_ttl_s=self.settings.dedup_ttl_s,
+            own_inbox=self._own_inbox,
+            resolve=self._resolve,
+        )
         policy = sizer_policy(self.settings)
         self.window = Window(self._sync_redis, self.aredis, window_limits(self.settings), policy)
         sizer = Sizer(self.aredis, policy)
@@ -111,7 +121,6 @@ class Collector:
     def watch(self, group: str, model: str, delay_ms: int) -> None:
         """Flush ``group`` when its window closes (in ``delay_ms``), unless already watching."""
         self._loop.call_soon_threadsafe(self._arm, group, model, delay_ms)
-        self._loop.call_soon_threadsafe(self._ensure_sweeper)
 
     def fail(self, settlements: list[Settlement]) -> None:
         """Settle failures decided on a task thread (its deadline passed) so followers learn."""
@@ -127,6 +136,7 @@ class Collector:
             await asyncio.sleep(0)
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=timeout)
+            await self.stats.flush()
             await self.upstream.aclose()
             await self.aredis.aclose()
 
@@ -155,6 +165,7 @@ class Collector:
             log.error("collector task failed: %s: %s", type(exc).__name__, exc)
 
     def _arm(self, group: str, model: str, delay_ms: int) -> None:
+        self._ensure_sweeper()
         self._models[group] = model
         timer = self._timers.get(group)
         when = self._loop.time() + delay_ms / 1000

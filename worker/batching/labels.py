@@ -55,7 +55,7 @@ MID_RE = re.compile(
     re.IGNORECASE,
 )
 MARKER_TEXT_RE = re.compile(r"(?<!=)={2,}+[ \t]*+(?:q[ \t]*+\[?\d|end\b)", re.IGNORECASE)
-# A JSON key a reply in the JSON layout could use: "A1", "a1", "1" (and "answer 1", to be safe).
+# A key a reply in the JSON layout could use: "A1", "a1", "1" (and "answer 1", to be safe).
 _JSON_KEY_TEXT_RE = re.compile(r"[\"'](?:a|answer[ \t]*+)?\d++[\"'][ \t]*+:", re.IGNORECASE)
 _FENCE_RE = re.compile(r"^[ \t]*+(?:>[ \t]*+)*+(?P<fence>`{3,}+|~{3,}+)(?P<info>.*)$")
 _LIST_MARK_RE = re.compile(r"^[ \t]*+(?:[-*+\u2022]|\d++[.)])[ \t]+")
@@ -159,6 +159,7 @@ def looks_like_label(line: str) -> bool:
 
 
 def looks_like_question_label(line: str) -> bool:
+    """Whether ``line`` starts with a question label (``Q3:``, ``Q[3]``, ``Question 3.``)."""
     return _question_match(line) is not None
 
 
@@ -225,12 +226,12 @@ def is_batch_safe(text: str) -> bool:
     a line that is an answer label (``A2:``, ``**Answer 2.**``, ``### A2``, ``[A2]``, ``- A2:``)
     or a question label (``Q3:``, ``Q[3]``, ``Question 3:``), also with a leading bullet removed
     as a model quoting it might; a label inside a line (``what does A2: mean``, ``**A3:**``,
-    ``Q4:``); marker text (``=== Q1``, ``=== END``); or a JSON object with label keys
-    (``{"A1": ...}``, ``{"1": ...}``). A model that echoes such text could move answers between
+    ``Q4:``); marker text (``=== Q1``, ``=== END``); or a quoted label key as in a JSON object
+    (``{"A1": ...}``, ``"1":``), braces or not. A model that echoes such text could move answers between
     requests, so the worker sends these questions alone. Prose stays batch safe: "Explain
     Q-learning", "A1 steak sauce", "size A4 paper", "sum A1:B2" have no label separator.
     """
-    if "{" in text and _JSON_KEY_TEXT_RE.search(text):
+    if _JSON_KEY_TEXT_RE.search(text):
         return False
     for line in text.splitlines():
         if MARKER_TEXT_RE.search(line) or MID_RE.search(line):
@@ -294,27 +295,38 @@ class LineTokens:
     quoted: bool  # the line is inside a quote block
 
 
-def line_tokens(line: str, *, partial: bool = False) -> LineTokens:
+def line_tokens(
+    line: str, *, partial: bool = False, resume: LineTokens | None = None
+) -> LineTokens:
     """The labels of a line that starts with one, and whether reading stopped at a doubtful one.
 
     After the line's first label, inline labels are read up to the first candidate that does
     not fit its context (inside code or a quotation, or a plain label not after punctuation);
     from there on the line is answer text, and the parser's final check voids that answer.
-    On a ``partial`` line (still arriving), a candidate touching the end is not yet known.
+    On a ``partial`` line (still arriving), a candidate touching the end is not yet known;
+    ``resume`` carries on from what an earlier call found on a shorter prefix of the line.
     """
-    head = head_token(line)
-    if head is None:
+    if resume is not None and (resume.stopped or resume.tokens):
+        if resume.stopped:
+            return resume
+        tokens, quoted = list(resume.tokens), resume.quoted
+    elif (head := head_token(line)) is not None:
+        tokens, quoted = [head[0]], head[1]
+    else:
         return LineTokens([], False, False)
-    tokens, quoted = [head[0]], head[1]
+    if fence_info(line[tokens[0].rest_at :]) is not None:
+        return LineTokens(tokens, True, quoted)  # `A1: ```lang ...`: the rest is a fence's info
     spans = _code_spans(line)
     starts = [s for s, _ in spans]
-    for m in MID_RE.finditer(line, tokens[0].rest_at):
+    for m in MID_RE.finditer(line, tokens[-1].rest_at):
         if partial and m.end() == len(line):
             break
-        if _in_code(m.start(), spans, starts) or not _fits(line, m, tokens[-1]):
-            return LineTokens(tokens, True, quoted)
         rest_at = _WS_RE.match(line, m.end())
         assert rest_at is not None  # `[ \t]*+` always matches
+        doubtful = _in_code(m.start(), spans, starts) or not _fits(line, m, tokens[-1])
+        if doubtful or fence_info(line[rest_at.end() :]) is not None:
+            # A label whose text opens a fence would put code where the line layout sees none.
+            return LineTokens(tokens, True, quoted)
         tokens.append(_token(m, question=m["q"] is not None, rest_at=rest_at.end()))
     return LineTokens(tokens, False, quoted)
 
@@ -328,6 +340,11 @@ def _clean(rest: str, emphasis: str, *, cut: bool) -> str:
     if emphasis and rest.rstrip().endswith(emphasis):
         rest = rest.rstrip()[: -len(emphasis)]
     return rest
+
+
+def segment(line: str, token: Token, following: Token) -> str:
+    """The answer text of ``token`` when ``following`` is the next label on its line."""
+    return _clean(line[token.rest_at : following.start], token.emphasis, cut=True).strip()
 
 
 def line_labels(index: int, line: str, found: LineTokens) -> list[Label]:

@@ -219,6 +219,7 @@ def _consistent(labels: list[Label], count: int) -> bool:
 
 
 def _line_slots(lines: list[str], count: int) -> list[str | None]:
+    """The inline/restated layout if the reply is consistently one, else the line layout."""
     inline = _scan(lines, _inline_labels)
     labels = inline.labels
     if any(label.inline or label.question for label in labels) and _consistent(labels, count):
@@ -272,6 +273,7 @@ def _only_sign_off(lines: list[str]) -> bool:
 
 
 def _json_values(pairs: list[tuple[str, Any]], count: int) -> list[str | None]:
+    """Slots from the object's (key, value) pairs: all None unless keys are exactly 1..count."""
     numbers = []
     for key, _ in pairs:
         m = _JSON_KEY_RE.fullmatch(key)

@@ -100,7 +100,7 @@ class Sender:
                 log.warning("batch %s: lease not renewed (%s)", batch_id, type(exc).__name__)
 
     async def send_single(self, item: Item) -> None:
-        request = Request.model_validate(item.payload)
+        request = item.request
         try:
             completion = await self.upstream.chat(
                 model=request.model,
@@ -130,9 +130,8 @@ class Sender:
         if len(items) == 1:
             await self.send_single(items[0])
             return
-        first = Request.model_validate(items[0].payload)
-        requests = [Request.model_validate(i.payload) for i in items]
-        messages = build_batch_messages([r.prompt for r in requests], system=first.system)
+        first = items[0].request
+        messages = build_batch_messages([i.request.prompt for i in items], system=first.system)
         own_prompt = chat_prompt_tokens(messages)
         run = _Run(
             batch_id,
@@ -200,7 +199,7 @@ class Sender:
             run.released.add(slot)
             item = run.items[slot]
             answer = self._answer(
-                Request.model_validate(item.payload),
+                item.request,
                 text,
                 "batched",
                 run.batch_id,
@@ -231,7 +230,7 @@ class Sender:
                     run.items[n],
                     Outcome(
                         answer=self._answer(
-                            Request.model_validate(run.items[n].payload),
+                            run.items[n].request,
                             slots[n] or "",
                             "batched",
                             run.batch_id,

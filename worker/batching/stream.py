@@ -32,6 +32,7 @@ from .labels import (
     is_echo,
     line_labels,
     line_tokens,
+    segment,
 )
 from .parse import parse_answers, span_text
 
@@ -73,8 +74,8 @@ class SlotStream:
         self._last: Label | None = None  # the line-start label of slot m
         self._inline_line: int | None = None  # the first label line, which may carry inline ones
         self._inline = False  # it did: any further label line makes the shape unusual
+        self._found: LineTokens | None = None  # the labels read on that line so far
         self._scanned = 0  # inline labels are known up to here in that line
-        self._stopped = False  # a doubtful inline candidate ended inline reading on that line
         self._released: dict[int, str] = {}
         self._held = False
         self._result: StreamResult | None = None
@@ -125,6 +126,7 @@ class SlotStream:
         return delta.replace("\r\n", "\n").replace("\r", "\n")
 
     def _append(self, part: str) -> None:
+        """Add to the line still arriving, keeping only short windows of it as strings."""
         if not part:
             return
         self._pieces.append(part)
@@ -141,6 +143,7 @@ class SlotStream:
     # --- deciding --------------------------------------------------------------------------
 
     def _hold(self) -> None:
+        """Something unusual: release nothing more; ``finish`` settles the rest."""
         self._held = True
 
     def _release(self, slot: int, text: str, out: list[tuple[int, str]]) -> None:
@@ -174,39 +177,38 @@ class SlotStream:
                 return
             self._state, self._number = _Line.LABEL, label.number
             self._next_label(label.number, index, out)
-        if not self._held and index == self._inline_line and not self._stopped:
+        stopped = self._found is not None and self._found.stopped
+        if not self._held and index == self._inline_line and not stopped:
             start = self._size - len(self._tail)
             fresh = any(
                 m.end() < len(self._tail) and start + m.end() > self._scanned
                 for m in MID_RE.finditer(self._tail)
             )
             if fresh:
-                line = "".join(self._pieces)
-                self._inline_labels(line, line_tokens(line, partial=True), out)
+                self._inline_labels("".join(self._pieces), out, partial=True)
 
-    def _inline_labels(self, line: str, found: LineTokens, out: list[tuple[int, str]]) -> None:
+    def _inline_labels(self, line: str, out: list[tuple[int, str]], *, partial: bool) -> None:
         """Labels after the first one on the first label line: release each completed answer."""
-        self._stopped = found.stopped
-        labels = line_labels(len(self._lines), line, found)
-        if len(labels) < self._m:
+        found = line_tokens(line, partial=partial, resume=self._found)
+        self._found, tokens = found, found.tokens
+        if len(tokens) < self._m:
             self._hold()  # never expected: labels already read are read again the same way
             return
-        fresh = labels[self._m :]
+        fresh = tokens[self._m :]
         if fresh and "`" in line:
             self._hold()  # a backtick may yet open a code span around a label
             return
-        for label in fresh:
-            if label.question or label.number != self._m + 1 or label.number > self._count:
+        for token in fresh:
+            if token.question or token.number != self._m + 1 or token.number > self._count:
                 self._hold()
                 return
-            previous = labels[self._m - 1]
-            self._release(self._m - 1, previous.rest.strip(), out)
-            self._m = label.number
+            self._release(self._m - 1, segment(line, tokens[self._m - 1], token), out)
+            self._m = token.number
             self._inline = True
-        if found.tokens:
-            self._scanned = found.tokens[-1].rest_at
+        self._scanned = tokens[-1].rest_at
 
     def _complete_line(self, out: list[tuple[int, str]]) -> None:
+        """A line has ended: classify it once, as ``parse_answers`` will (fences included)."""
         line = self._take_line()
         index = len(self._lines)
         self._lines.append(line)
@@ -232,6 +234,7 @@ class SlotStream:
         self._label_line(label, line, index, out)
 
     def _text_line(self, line: str, state: _Line) -> None:
+        """A line without an answer label: an echo or possible JSON holds all; a fence opens."""
         if state is _Line.LABEL or is_echo(line):
             self._hold()
             return
@@ -247,12 +250,11 @@ class SlotStream:
     def _label_line(self, label: Label, line: str, index: int, out: list[tuple[int, str]]) -> None:
         """A complete label line: inline labels (first label line only) and a fence it opens."""
         if index == self._inline_line:
-            found = line_tokens(line)
-            self._inline_labels(line, found, out)
+            self._inline_labels(line, out, partial=False)
             if self._held:
                 return
-            if self._inline:
-                self._fence = fence_opener(line_labels(index, line, found)[-1].rest)
+            if self._inline and self._found is not None:
+                self._fence = fence_opener(line_labels(index, line, self._found)[-1].rest)
                 return
         self._last = label
         self._fence = fence_opener(label.rest)

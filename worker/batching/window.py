@@ -14,12 +14,15 @@ or was redelivered elsewhere is dropped instead of asked twice.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
+
+from producer import Request
 
 from ..shared.dedup import PREFIX as DEDUP_PREFIX
 from ..shared.settle import BATCH, LEASES
@@ -29,7 +32,7 @@ WINDOW = "coalesce:win:"
 LEASE_S = 6.0  # a dead sender's batch is taken over within about 1.5 x this
 KEEP_MS = 600_000  # an abandoned window's keys expire after this
 
-_HEAD = """
+HEAD_LUA = """
 local win, meta, sizer, leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local batch_prefix, dedup = KEYS[5], KEYS[6]
 local t = redis.call('TIME')
@@ -69,42 +72,53 @@ local function claim(limit, batch, lease_ms, window_ms)
 end
 """
 
-# ARGV: item json, its tokens, its answer estimate (0: use the model's), model, window ms,
-# max tokens, max answer tokens, batch id, lease ms, then the sizer policy.
-_JOIN = (
-    _HEAD
-    + """
-local model = ARGV[4]
-local policy = {}
-for i = 10, 15 do table.insert(policy, tonumber(ARGV[i])) end
-"""
-    + LIMIT_LUA
+# Joining, as a Lua function over ARGV[o+1 ..]: item json, its tokens, its answer estimate
+# (0: use the model's), model, window ms, max tokens, max answer tokens, batch id, lease ms,
+# then the sizer policy. The join script has o = 0; the entry script puts its claim first.
+JOIN_LUA = (
+    LIMIT_LUA
     + _CLAIM_LUA
     + """
-local limit = model_limit()
-if limit <= 1 then return {'single', 0} end
-local answer = tonumber(ARGV[3])
-if answer == 0 then answer = math.floor(answer_estimate()) end
-local n = redis.call('RPUSH', win, ARGV[1])
-local tokens = redis.call('HINCRBY', meta, 'tokens', tonumber(ARGV[2]))
-local answers = redis.call('HINCRBY', meta, 'answers', answer)
-local due = tonumber(redis.call('HGET', meta, 'due'))
-if not due then
-  due = now + tonumber(ARGV[5])
-  redis.call('HSET', meta, 'due', due)
+local function join_window(o)
+  local limit = model_limit()
+  if limit <= 1 then return {'single', 0} end
+  local answer = tonumber(ARGV[o + 3])
+  if answer == 0 then answer = math.floor(answer_estimate()) end
+  local n = redis.call('RPUSH', win, ARGV[o + 1])
+  local tokens = redis.call('HINCRBY', meta, 'tokens', tonumber(ARGV[o + 2]))
+  local answers = redis.call('HINCRBY', meta, 'answers', answer)
+  local window_ms = tonumber(ARGV[o + 5])
+  local due = tonumber(redis.call('HGET', meta, 'due'))
+  if not due then
+    due = now + window_ms
+    redis.call('HSET', meta, 'due', due)
+  end
+  redis.call('PEXPIRE', win, 600000)
+  redis.call('PEXPIRE', meta, 600000)
+  if n >= limit or tokens >= tonumber(ARGV[o + 6]) or answers >= tonumber(ARGV[o + 7])
+      or now >= due then
+    return claim(limit, ARGV[o + 8], tonumber(ARGV[o + 9]), window_ms)
+  end
+  return {'wait', due - now}
 end
-redis.call('PEXPIRE', win, 600000)
-redis.call('PEXPIRE', meta, 600000)
-if n >= limit or tokens >= tonumber(ARGV[6]) or answers >= tonumber(ARGV[7]) or now >= due then
-  return claim(limit, ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[5]))
-end
-return {'wait', due - now}
 """
 )
 
+
+def join_prelude(offset: int) -> str:
+    """Lua reading the model and sizer policy of a join whose arguments follow ``offset``."""
+    return f"""
+local model = ARGV[{offset + 4}]
+local policy = {{}}
+for i = {offset + 10}, {offset + 15} do table.insert(policy, tonumber(ARGV[i])) end
+"""
+
+
+_JOIN = HEAD_LUA + join_prelude(0) + JOIN_LUA + "\nreturn join_window(0)\n"
+
 # ARGV: model, window ms, batch id, lease ms, then the sizer policy.
 _FLUSH = (
-    _HEAD
+    HEAD_LUA
     + """
 local model = ARGV[1]
 local policy = {}
@@ -122,7 +136,7 @@ return claim(math.max(2, model_limit()), ARGV[3], tonumber(ARGV[4]), tonumber(AR
 
 # Takes over one batch whose lease ran out (its sender died). ARGV: lease ms.
 _RECLAIM = (
-    _HEAD
+    HEAD_LUA
     + """
 local due = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 8)
 for _, batch in ipairs(due) do
@@ -146,7 +160,7 @@ return {'none', 0}
 
 # Renews a lease we hold. ARGV: batch id, lease ms.
 _RENEW = (
-    _HEAD
+    HEAD_LUA
     + """
 return redis.call('ZADD', leases, 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
 """
@@ -164,6 +178,11 @@ class Item:
     tokens: int
     answer_tokens: int
     deadline: float  # wall-clock (epoch) seconds: items cross processes and hosts
+
+    @functools.cached_property
+    def request(self) -> Request:
+        """The request itself; validated by the worker that joined it, so not again here."""
+        return Request.model_construct(**self.payload)
 
     def dump(self) -> str:
         return json.dumps(
@@ -196,7 +215,8 @@ class Verdict:
     items: tuple[Item, ...] = ()
 
 
-def _verdict(reply: list[Any]) -> Verdict:
+def verdict(reply: list[Any]) -> Verdict:
+    """A join, flush or reclaim script's reply as a record."""
     action = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     if action == "batch":
         batch = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
@@ -207,7 +227,7 @@ def _verdict(reply: list[Any]) -> Verdict:
     return Verdict("single" if action == "single" else "none")
 
 
-def _keys(group: str) -> list[str]:
+def window_keys(group: str) -> list[str]:
     return [WINDOW + group, WINDOW + group + ":meta", SIZER, LEASES, BATCH, DEDUP_PREFIX]
 
 
@@ -238,8 +258,13 @@ class Window:
 
     def join(self, group: str, item: Item, model: str, batch_id: str) -> Verdict:
         """Add ``item``; claims the batch (as ``batch_id``) when the group is ready to go."""
+        return verdict(
+            self._join(keys=window_keys(group), args=self.join_args(item, model, batch_id))
+        )
+
+    def join_args(self, item: Item, model: str, batch_id: str) -> list[str | int | float]:
         lim = self.limits
-        args = [
+        return [
             item.dump(),
             item.tokens,
             item.answer_tokens,
@@ -251,17 +276,16 @@ class Window:
             self.lease_ms,
             *self.policy.args(),
         ]
-        return _verdict(self._join(keys=_keys(group), args=args))
 
     async def flush(self, group: str, model: str, batch_id: str, *, force: bool = False) -> Verdict:
         """At the window's close (or now, if ``force``): claim what is there, or learn when."""
         args = [model, self.limits.window_ms, batch_id, self.lease_ms, *self.policy.args()]
         args.append("1" if force else "0")
-        return _verdict(await self._flush(keys=_keys(group), args=args))
+        return verdict(await self._flush(keys=window_keys(group), args=args))
 
     async def reclaim(self) -> Verdict:
         """Take over one batch whose sender stopped renewing its lease."""
-        return _verdict(await self._reclaim(keys=_keys("-"), args=[self.lease_ms]))
+        return verdict(await self._reclaim(keys=window_keys("-"), args=[self.lease_ms]))
 
     async def renew(self, batch_id: str) -> bool:
-        return bool(await self._renew(keys=_keys("-"), args=[batch_id, self.lease_ms]))
+        return bool(await self._renew(keys=window_keys("-"), args=[batch_id, self.lease_ms]))

@@ -39,21 +39,32 @@ def waiters_key(key: str) -> str:
     return f"{PREFIX}{key}:waiters"
 
 
-# KEYS: answer, claim, waiters. ARGV: delivery, inbox, claim ttl ms, waiters ttl ms.
 # Leads when nobody holds the claim (or we already do: a retried call is harmless); otherwise
 # registers as a follower in the same step, so the leader cannot settle in between unseen.
-_CLAIM = """
-local answer = redis.call('GET', KEYS[1])
-if answer then return {'answer', answer} end
-local holder = redis.call('GET', KEYS[2])
-if (not holder) or holder == ARGV[1] then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-  return {'leader', ''}
+# A Lua function, so the worker's entry script (claim, then join the window) can share it.
+CLAIM_LUA = """
+local function dedup_claim(answer_key, claim_key, waiters_key, delivery, inbox, ttl, waiters_ttl)
+  local answer = redis.call('GET', answer_key)
+  if answer then return 'answer', answer end
+  local holder = redis.call('GET', claim_key)
+  if (not holder) or holder == delivery then
+    redis.call('SET', claim_key, delivery, 'PX', ttl)
+    return 'leader', ''
+  end
+  redis.call('SADD', waiters_key, delivery .. '|' .. inbox)
+  redis.call('PEXPIRE', waiters_key, waiters_ttl)
+  return 'follower', holder
 end
-redis.call('SADD', KEYS[3], ARGV[1] .. '|' .. ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-return {'follower', holder}
 """
+
+# KEYS: answer, claim, waiters. ARGV: delivery, inbox, claim ttl ms, waiters ttl ms.
+_CLAIM = (
+    CLAIM_LUA
+    + """
+local role, payload = dedup_claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return {role, payload}
+"""
+)
 
 # KEYS: claim, waiters. ARGV: delivery, claim ttl ms, waiters ttl ms. Extends the claim only
 # while we still hold it, and the waiters set with it.

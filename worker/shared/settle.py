@@ -8,6 +8,7 @@ it pushes the outcome to the inbox of the leader's process and of every follower
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -17,36 +18,47 @@ from .dedup import PREFIX, Outcome
 LEASES = "coalesce:leases"
 BATCH = "coalesce:batch:"
 
-# ARGV: answer ttl ms, inbox ttl ms, batch id to release ('' for none), then per request:
-# key, delivery, inbox, outcome json, '1' if it is an answer to keep for repeats.
-# An inbox message is "<delivery>\n<outcome json>".
+# ARGV: answer ttl ms, inbox ttl ms, batch id to release ('' for none), the caller's own inbox,
+# then per request: key, delivery, inbox, outcome json, '1' if it is an answer to keep for
+# repeats. An inbox message is "<delivery>\n<outcome json>". Parties waiting in the caller's own
+# process are not pushed: the reply lists them as {delivery, request number}, and the caller
+# resolves them in memory.
 _SETTLE = """
 local prefix, ttl, inbox_ttl, batch = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local pushes, order, settled = {}, {}, 0
-local function push(inbox, message)
+local own = ARGV[4]
+local pushes, order, mine = {}, {}, {0}
+local number, stored = 0, false
+local function push(inbox, delivery, message)
+  if inbox == own and not stored then
+    table.insert(mine, delivery)
+    table.insert(mine, number)
+    return
+  end
   if not pushes[inbox] then pushes[inbox] = {}; table.insert(order, inbox) end
-  table.insert(pushes[inbox], message)
+  table.insert(pushes[inbox], delivery .. '\\n' .. message)
 end
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
+  number = number + 1
+  stored = false
   local key, delivery, inbox, outcome, keep = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
   local claim = prefix .. key .. ':claim'
   if redis.call('GET', claim) == delivery then
     if keep == '1' then
       local answer = prefix .. key .. ':answer'
       local existing = redis.call('GET', answer)
-      if existing then outcome = existing
+      if existing then outcome = existing; stored = true
       elseif ttl > 0 then redis.call('SET', answer, outcome, 'PX', ttl) end
     end
     redis.call('DEL', claim)
     local waiters_key = prefix .. key .. ':waiters'
     local waiters = redis.call('SMEMBERS', waiters_key)
     if #waiters > 0 then redis.call('DEL', waiters_key) end
-    push(inbox, delivery .. '\\n' .. outcome)
+    mine[1] = mine[1] + 1
+    push(inbox, delivery, outcome)
     for _, waiter in ipairs(waiters) do
       local bar = string.find(waiter, '|', 1, true)
-      push(string.sub(waiter, bar + 1), string.sub(waiter, 1, bar - 1) .. '\\n' .. outcome)
+      push(string.sub(waiter, bar + 1), string.sub(waiter, 1, bar - 1), outcome)
     end
-    settled = settled + 1
   end
 end
 for _, inbox in ipairs(order) do
@@ -57,7 +69,7 @@ if batch ~= '' then
   redis.call('ZREM', KEYS[2], batch)
   redis.call('DEL', KEYS[3] .. batch)
 end
-return settled
+return mine
 """
 
 INBOX_TTL_MS = 120_000
@@ -76,15 +88,30 @@ class Settlement:
 class Settler:
     """Runs the settle script on the collector's loop (async client: never blocks the loop)."""
 
-    def __init__(self, client: aioredis.Redis, *, answer_ttl_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        answer_ttl_s: float,
+        own_inbox: str = "",
+        resolve: Callable[[str, Outcome], None] = lambda delivery, outcome: None,
+    ) -> None:
         self.answer_ttl_ms = int(answer_ttl_s * 1000)
+        self._own_inbox = own_inbox
+        self._resolve = resolve
         self._script = client.register_script(_SETTLE)
 
     async def settle(self, settlements: list[Settlement], *, release_batch: str = "") -> int:
-        """Settle these requests (and release the batch's lease); returns how many were ours."""
-        args: list[str | int] = [self.answer_ttl_ms, INBOX_TTL_MS, release_batch]
+        """Settle these requests (and release the batch's lease); returns how many were ours.
+
+        Parties waiting in this process are resolved in memory, the others through their inbox.
+        """
+        args: list[str | int] = [self.answer_ttl_ms, INBOX_TTL_MS, release_batch, self._own_inbox]
         for s in settlements:
             keep = "1" if s.outcome.answer is not None else "0"
             args += [s.key, s.delivery, s.inbox, s.outcome.dump(), keep]
-        settled = await self._script(keys=[PREFIX, LEASES, BATCH], args=args)
-        return int(settled)
+        reply = await self._script(keys=[PREFIX, LEASES, BATCH], args=args)
+        for n in range(1, len(reply), 2):
+            delivery = reply[n].decode() if isinstance(reply[n], bytes) else str(reply[n])
+            self._resolve(delivery, settlements[int(reply[n + 1]) - 1].outcome)
+        return int(reply[0])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
 
 import redis
 import redis.asyncio as aioredis
@@ -32,26 +33,43 @@ FIELDS = (
 
 
 class Stats:
-    """Counts from the loop; ``add_soon`` may be called from any thread."""
+    """Counts add up in memory and reach Redis once a second, in one pipeline, when any changed.
+
+    ``add_soon`` may be called from any thread; an idle worker sends nothing.
+    """
+
+    FLUSH_S = 1.0
 
     def __init__(self, client: aioredis.Redis, loop: asyncio.AbstractEventLoop) -> None:
         self._redis = client
         self._loop = loop
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self._pending: Counter[str] = Counter()
+        self._scheduled = False
 
     def add_soon(self, model: str, **counts: int) -> None:
-        self._loop.call_soon_threadsafe(self._spawn, model, counts)
+        with self._lock:
+            for name, value in counts.items():
+                if value:
+                    self._pending[f"{model}|{name}"] += value
+            if self._scheduled or not self._pending:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._loop.call_later, self.FLUSH_S, self._spawn_flush)
 
-    def _spawn(self, model: str, counts: dict[str, int]) -> None:
-        task = self._loop.create_task(self.add(model, **counts))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn_flush(self) -> None:
+        task = self._loop.create_task(self.flush())
+        task.add_done_callback(lambda _: None)
 
-    async def add(self, model: str, **counts: int) -> None:
+    async def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, Counter()
+            self._scheduled = False
+        if not pending:
+            return
         pipe = self._redis.pipeline(transaction=False)
-        for name, value in counts.items():
-            if value:
-                pipe.hincrby(KEY, f"{model}|{name}", value)
+        for field_name, value in pending.items():
+            pipe.hincrby(KEY, field_name, value)
         try:
             await pipe.execute()
         except TRANSIENT as exc:

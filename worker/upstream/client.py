@@ -396,8 +396,8 @@ class Upstream:
                 return piece
             if piece:
                 on_text(piece)
-            if reader.done:
-                break
+            # After [DONE], keep reading to the end of the body (the server ends it there):
+            # a response closed early takes its connection out of the pool.
         if not reader.complete:
             if state.partial:
                 raise self._broken(state, "the stream ended before its end marker")
