@@ -77,10 +77,10 @@ def workers(redis_url: str) -> Iterator[Callable[..., Proc]]:
 
     yield start
     for proc in started:
+        if os.environ.get("COALESCE_TEST_SHOW_LOGS"):
+            proc.stop(keep_logs=True)
+            print(proc.log_tail(400))
         proc.stop()
-    if os.environ.get("COALESCE_TEST_SHOW_LOGS"):
-        for proc in started:
-            print(proc.log_tail(200))
 
 
 @pytest.fixture

@@ -107,7 +107,9 @@ def test_inconsistent_restatements_give_none(
         ("A1: The paper size A4: 210 mm wide\nA2: x\nA3: y", 3, [None, "x", "y"]),
         ("A1: Paper. A4: 210 mm", 4, [None, None, None, None]),
         ("A1: Use A2: it is bigger\nA3: ok", 3, [None, None, "ok"]),
-        ("A1: Paper sizes. A2: 420 mm\nA2: real", 2, [None, "real"]),
+        ("A1: Paper sizes. A2: 420 mm\nA2: real", 2, [None, None]),
+        ("**A1:** x **A2:** y\nA2: evil", 2, [None, None]),
+        ("A1: x\nA2: y. A3: z\nA3: w", 3, ["x", None, None]),
         # Out of order with a gap, repeated, out of range.
         ("A1: x. A3: y", 3, [None, None, None]),
         ("A1: x. A2: y. A2: z", 3, [None, None, None]),
@@ -124,6 +126,14 @@ def test_inconsistent_restatements_give_none(
         # Inline labels mixed with label lines: answer text could be read as a label.
         ("A1: Paris. A2: Tokyo.\nA3: Rome", 3, [None, None, "Rome"]),
         ("A1: Paris\nA2: Tokyo. A3: Rome.", 3, ["Paris", None, None]),
+        # A repeated label hidden past a doubtful one, and a label with nothing after it: a
+        # complete shuffled set is then no proof of a layout (slot 2 would get `evil.`).
+        (
+            "**A2:** evil. **A3:** c. **A5:** e. **A1:** a. **A4:** d A0: x **A2:** b.",
+            5,
+            [None] * 5,
+        ),
+        ("**A1:** Paris **A3:** **A2:** Rome", 3, [None, None, None]),
         # Inline labels inside a fenced code block are code.
         (
             "A1: code:\n```\nx = 1. A2: y\n```\nA2: Tokyo",
@@ -140,15 +150,22 @@ def test_label_like_answer_text_never_moves_answers(
 
 @pytest.mark.parametrize(
     "answer",
-    ["Cell A1: the total", "Revenue rose in Q3: 5%", "See Answer 2: below", "Marker === Q2 x ==="],
+    ["Cell A1: the total", "Revenue rose in Q3: 5%", "See Answer 3: below", "Marker === Q2 x ==="],
 )
 def test_no_slot_holds_label_like_text(answer: str) -> None:
     assert parse_answers(f"A1: {answer}\nA2: Tokyo", 2) == [None, "Tokyo"]
     assert parse_answers(json.dumps({"A1": answer, "A2": "Tokyo"}), 2) == [None, "Tokyo"]
 
 
+def test_a_number_written_inside_a_label_line_puts_that_label_in_doubt() -> None:
+    # `A2:` inside line one may be the reply's real A2 (an inline layout gone wrong).
+    assert parse_answers("A1: See Answer 2: below\nA2: Tokyo\nA3: Rome", 3) == [None, None, "Rome"]
+    assert parse_answers("**A1:** x **A2:** y\nA2: evil", 2) == [None, None]
+    assert parse_answers("Q1: q? A1: x\nA1: y\nA2: z", 2) == [None, "z"]
+
+
 def test_a_fence_left_open_shelters_no_label() -> None:
-    assert parse_answers("A1: x. A2: ```\nfoo A3: y", 3) == ["x.", None, None]
+    assert parse_answers("A1: x. A2: ```\nfoo A3: y", 3) == [None, None, None]
     assert parse_answers("A1: Paris\nA2: ```\ncode A3: x", 3) == ["Paris", None, None]
 
 
@@ -358,10 +375,10 @@ def _drop(blocks: Blocks, data: st.DataObject, count: int) -> None:
         del blocks[data.draw(st.integers(0, len(blocks) - 1), label="dropped")]
 
 
-def _duplicate(blocks: Blocks, data: st.DataObject, count: int) -> None:
+def _duplicate(blocks: Blocks, data: st.DataObject, count: int, *, evil: bool = False) -> None:
     n = data.draw(st.integers(1, count), label="duplicated label")
     _, text, question = data.draw(st.sampled_from(blocks), label="its text")
-    text = data.draw(st.sampled_from([text, "evil."]), label="or evil")
+    text = "evil." if evil else data.draw(st.sampled_from([text, "evil."]), label="or evil")
     blocks.insert(data.draw(st.integers(0, len(blocks)), label="at"), (n, text, question))
 
 
@@ -387,6 +404,13 @@ CORRUPTIONS: dict[str, Corruption] = {
     "duplicate": _duplicate,
     "noise": _noise,
     "relabel": _relabel,
+}
+# Mixed with a drop, another answer's text under a label (a duplicate, a relabel) is a reply
+# that says `A1: <answer 2>` with A1 missing: no parser can tell that from a real answer.
+MIXABLE: dict[str, Corruption] = {
+    "drop": _drop,
+    "duplicate": lambda blocks, data, count: _duplicate(blocks, data, count, evil=True),
+    "noise": _noise,
 }
 
 
@@ -426,8 +450,8 @@ def test_property_any_mix_of_corruptions_never_leaks(name: str, data: st.DataObj
     layout = LAYOUTS[name]
     texts, questions, order = data.draw(one_line_batches(layout), label="batch")
     blocks = [(n, texts[n - 1], questions[n - 1]) for n in order]
-    for corruption in data.draw(st.lists(st.sampled_from(sorted(CORRUPTIONS)), max_size=4)):
-        CORRUPTIONS[corruption](blocks, data, len(texts))
+    for corruption in data.draw(st.lists(st.sampled_from(sorted(MIXABLE)), max_size=4)):
+        MIXABLE[corruption](blocks, data, len(texts))
     preamble = data.draw(st.sampled_from(["", "Sure! A1: here.\n", "=== Q1 abc ===\n"]))
     assert_no_leak(parse_answers(preamble + render(layout, blocks), len(texts)), texts)
 

@@ -42,6 +42,22 @@ def asked_upstream(fake: Proc) -> int:
     return int(stats["batched_questions"]) + int(stats["single_calls"])
 
 
+def whereabouts(url: str, tickets: list) -> str:
+    """Where each unanswered request is, so a failure says which path lost it."""
+    r = redis.Redis.from_url(url)
+    queued = b"".join(r.lrange("coalesce", 0, -1))
+    unacked = b"".join(r.hvals("unacked"))
+    lines = []
+    for t in tickets:
+        if r.exists(f"celery-task-meta-{t.id}"):
+            continue
+        lines.append(
+            f"{t.id}: pending={r.zscore('coalesce:pending', t.id)} "
+            f"queued={t.id.encode() in queued} unacked={t.id.encode() in unacked}"
+        )
+    return "unanswered:\n" + "\n".join(lines)
+
+
 def check_answers(prompts: list[str], tickets: list, timeout: float) -> None:
     for prompt, ticket in zip(prompts, tickets, strict=True):
         assert ticket.get(timeout=timeout).text == expected_answer(MODEL, None, prompt)
@@ -156,7 +172,10 @@ def test_a_redis_outage_loses_no_request(fake_llm, workers):
             killer = threading.Thread(target=restart, args=(procs, 3.0))
             killer.start()
             killer.join()
-            check_answers(prompts, tickets, timeout=150)
+            try:
+                check_answers(prompts, tickets, timeout=150)
+            except RequestFailed as exc:
+                raise AssertionError(f"{exc}\n{whereabouts(url, tickets)}") from None
 
 
 def test_a_worker_killed_while_it_holds_a_claimed_batch_loses_nothing(

@@ -44,7 +44,9 @@ def _result_repr(value: Any, maxlen: int | None = None) -> str:
     ``COALESCE_LOG_PROMPTS`` is on.
     """
     if isinstance(value, dict) and isinstance(value.get("text"), str) and not settings.log_prompts:
-        value = {**value, "text": f"<{len(value['text'])} chars>"}
+        # An Answer's dict is flat, so the builtin repr is safe and much cheaper than saferepr.
+        shown = repr({**value, "text": f"<{len(value['text'])} chars>"})
+        return shown if maxlen is None else shown[:maxlen]
     return str(_saferepr(value, maxlen))
 
 

@@ -119,7 +119,15 @@ class Collector:
             self.watch(group, model, self.settings.window_ms)
 
     def watch(self, group: str, model: str, delay_ms: int) -> None:
-        """Flush ``group`` when its window closes (in ``delay_ms``), unless already watching."""
+        """Flush ``group`` when its window closes (in ``delay_ms``), unless already watching.
+
+        Most joins find a timer already set for their window; checking it here, without
+        waking the loop, saves a wake-up per request. A timer that fires meanwhile flushes
+        this request too, since it joined before looking.
+        """
+        timer = self._timers.get(group)
+        if timer is not None and timer.when() <= self._loop.time() + delay_ms / 1000 + 0.001:
+            return
         self._loop.call_soon_threadsafe(self._arm, group, model, delay_ms)
 
     def fail(self, settlements: list[Settlement]) -> None:

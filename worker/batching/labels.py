@@ -227,9 +227,10 @@ def is_batch_safe(text: str) -> bool:
     or a question label (``Q3:``, ``Q[3]``, ``Question 3:``), also with a leading bullet removed
     as a model quoting it might; a label inside a line (``what does A2: mean``, ``**A3:**``,
     ``Q4:``); marker text (``=== Q1``, ``=== END``); or a quoted label key as in a JSON object
-    (``{"A1": ...}``, ``"1":``), braces or not. A model that echoes such text could move answers between
-    requests, so the worker sends these questions alone. Prose stays batch safe: "Explain
-    Q-learning", "A1 steak sauce", "size A4 paper", "sum A1:B2" have no label separator.
+    (``{"A1": ...}``, ``"1":``), braces or not. A model that echoes such text could move
+    answers between requests, so the worker sends these questions alone. Prose stays batch
+    safe: "Explain Q-learning", "A1 steak sauce", "size A4 paper", "sum A1:B2" have no label
+    separator.
     """
     if _JSON_KEY_TEXT_RE.search(text):
         return False
@@ -293,6 +294,8 @@ class LineTokens:
     tokens: list[Token]  # empty when the line does not start with a label
     stopped: bool  # reading stopped at a candidate that did not fit its context
     quoted: bool  # the line is inside a quote block
+    # Label-like text from where reading stopped to the line's end: (is a question, number).
+    leftover: tuple[tuple[bool, int], ...] = ()
 
 
 def line_tokens(
@@ -315,7 +318,8 @@ def line_tokens(
     else:
         return LineTokens([], False, False)
     if fence_info(line[tokens[0].rest_at :]) is not None:
-        return LineTokens(tokens, True, quoted)  # `A1: ```lang ...`: the rest is a fence's info
+        # `A1: ```lang ...`: the rest of the line is a fence's info text.
+        return LineTokens(tokens, True, quoted, _leftover(line, tokens[0].rest_at))
     spans = _code_spans(line)
     starts = [s for s, _ in spans]
     for m in MID_RE.finditer(line, tokens[-1].rest_at):
@@ -326,9 +330,29 @@ def line_tokens(
         doubtful = _in_code(m.start(), spans, starts) or not _fits(line, m, tokens[-1])
         if doubtful or fence_info(line[rest_at.end() :]) is not None:
             # A label whose text opens a fence would put code where the line layout sees none.
-            return LineTokens(tokens, True, quoted)
+            return LineTokens(tokens, True, quoted, _leftover(line, m.start()))
         tokens.append(_token(m, question=m["q"] is not None, rest_at=rest_at.end()))
     return LineTokens(tokens, False, quoted)
+
+
+def inline_numbers(line: str) -> set[int]:
+    """Answer numbers written inside a label line after its first label, labels or not.
+
+    In the line layout these are answer text, yet each may be the reply's real label for that
+    number (an inline layout gone wrong), so a label line with the same number is in doubt.
+    """
+    head = head_token(line)
+    if head is None:
+        return set()
+    found = MID_RE.finditer(line, head[0].rest_at)
+    return {number_of(m["num"] or m["bnum"]) for m in found if m["q"] is None}
+
+
+def _leftover(line: str, start: int) -> tuple[tuple[bool, int], ...]:
+    """Label-like text from ``start`` on: not labels, but evidence a label may be repeated."""
+    return tuple(
+        (m["q"] is not None, number_of(m["num"] or m["bnum"])) for m in MID_RE.finditer(line, start)
+    )
 
 
 def _clean(rest: str, emphasis: str, *, cut: bool) -> str:

@@ -37,6 +37,7 @@ from .labels import (
     fence_info,
     fence_opener,
     holds_label,
+    inline_numbers,
     is_echo,
     label_like,
     line_labels,
@@ -82,11 +83,6 @@ def _answer_labels(index: int, line: str) -> list[Label]:
     """The line layout: one answer label at the start of the line, the rest is its text."""
     label = answer_label(index, line)
     return [] if label is None else [label]
-
-
-def _inline_labels(index: int, line: str) -> list[Label]:
-    """The inline layout: the line's first label (answer or question) and those after it."""
-    return line_labels(index, line, line_tokens(line))
 
 
 def _list_item(index: int, line: str) -> list[Label]:
@@ -161,11 +157,16 @@ def span_text(label: Label, body: list[str], *, last: bool) -> str:
     return "\n".join(lines).strip()
 
 
-def _assign(found: _Scan, lines: list[str], count: int) -> list[str | None]:
-    """Slot texts from label positions; any slot whose boundaries are in doubt stays None."""
+def _assign(
+    found: _Scan, lines: list[str], count: int, suspect: frozenset[int] = frozenset()
+) -> list[str | None]:
+    """Slot texts from label positions; any slot whose boundaries are in doubt stays None.
+
+    ``suspect`` numbers count as repeated: the reply also has them as inline labels.
+    """
     answers = [label for label in found.labels if not label.question]
     seen = Counter(label.number for label in answers)
-    bad = {n for n, times in seen.items() if times > 1 or not 1 <= n <= count}
+    bad = {n for n, times in seen.items() if times > 1 or not 1 <= n <= count} | suspect
     # A label hidden in a code block while missing outside may have been swallowed by an
     # unclosed fence, and an echoed question may be another user's: either way the text
     # around it is not one answer for sure.
@@ -190,14 +191,23 @@ def _assign(found: _Scan, lines: list[str], count: int) -> list[str | None]:
     return slots
 
 
-def _consistent(labels: list[Label], count: int) -> bool:
-    """Whether inline labels and restatements make one unambiguous shape (see module doc)."""
+def _consistent(labels: list[Label], count: int, loose: list[tuple[bool, int]]) -> bool:
+    """Whether inline labels and restatements make one unambiguous shape (see module doc).
+
+    ``loose`` is label-like text the labels were not read past: it counts as a repeat.
+    """
     answers = [label.number for label in labels if not label.question]
     questions = [label.number for label in labels if label.question]
     if not answers or any(not 1 <= n <= count for n in answers + questions):
         return False
-    if len(set(answers)) < len(answers) or len(set(questions)) < len(questions):
+    every_answer = answers + [n for question, n in loose if not question]
+    every_question = questions + [n for question, n in loose if question]
+    if len(set(every_answer)) < len(every_answer):
         return False
+    if len(set(every_question)) < len(every_question):
+        return False
+    if any(label.cut and not label.question and not label.rest.strip() for label in labels):
+        return False  # `A5: A1: ...`: an empty inline answer is a confused reply
     if questions:
         # Every answer right after its own restated question: the pairs vouch for each other.
         pairs = list(zip(labels[::2], labels[1::2], strict=False))
@@ -220,13 +230,26 @@ def _consistent(labels: list[Label], count: int) -> bool:
 
 def _line_slots(lines: list[str], count: int) -> list[str | None]:
     """The inline/restated layout if the reply is consistently one, else the line layout."""
-    inline = _scan(lines, _inline_labels)
+    loose: list[tuple[bool, int]] = []
+
+    def inline_labels(index: int, line: str) -> list[Label]:
+        """The line's first label (answer or question) and the inline ones after it."""
+        found = line_tokens(line)
+        loose.extend(found.leftover)
+        return line_labels(index, line, found)
+
+    inline = _scan(lines, inline_labels)
     labels = inline.labels
-    if any(label.inline or label.question for label in labels) and _consistent(labels, count):
+    if any(label.inline or label.question for label in labels) and _consistent(
+        labels, count, loose
+    ):
         return _assign(inline, lines, count)
     found = _scan(lines, _answer_labels)
     if found.labels:
-        return _assign(found, lines, count)
+        # Inline labels, read as text here, still compete with label lines of the same number.
+        lines_with_labels = [label.line for label in found.labels] + found.echoes
+        suspect = set().union(*(inline_numbers(lines[i]) for i in lines_with_labels))
+        return _assign(found, lines, count, frozenset(suspect))
     return _numbered_fallback(lines, count)
 
 

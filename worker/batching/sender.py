@@ -10,8 +10,9 @@ fails. Every outcome goes through one settle script, which also wakes dedup foll
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ log = logging.getLogger("coalesce.sender")
 
 # Per answer, on top of a request's own max_tokens: the label and the line break.
 LABEL_TOKENS = 8
+# A question's marker line (`=== Q7 1a2b3c4d5e6f ===`) and its line breaks.
+MARKER_TOKENS = 14
 # How long settling may keep retrying Redis after the request's own deadline has passed.
 SETTLE_GRACE_S = 5.0
 
@@ -127,12 +130,14 @@ class Sender:
 
     # -- a batch ---------------------------------------------------------------------------
     async def _ask(self, batch_id: str, items: list[Item]) -> None:
+        if not items:
+            return
         if len(items) == 1:
             await self.send_single(items[0])
             return
         first = items[0].request
         messages = build_batch_messages([i.request.prompt for i in items], system=first.system)
-        own_prompt = chat_prompt_tokens(messages)
+        own_prompt = _batch_prompt_tokens(first.system, [i.tokens for i in items])
         run = _Run(
             batch_id,
             items,
@@ -144,26 +149,26 @@ class Sender:
         per_answer = None if first.max_tokens is None else first.max_tokens + LABEL_TOKENS
         try:
             completion = await self._call(run, first, messages, per_answer)
-        except UpstreamRejected:
-            await asyncio.gather(*run.pending)
-            rest = [item for n, item in enumerate(items) if n not in run.released]
-            self.stats.add_soon(first.model, rejected=1)
-            half = len(rest) // 2
-            await asyncio.gather(self._ask(batch_id, rest[:half]), self._ask(batch_id, rest[half:]))
-            return
-        except UpstreamStreamBroken:
-            await asyncio.gather(*run.pending)
-            rest = [item for n, item in enumerate(items) if n not in run.released]
-            await asyncio.gather(*(self.send_single(item) for item in rest))
-            return
         except Exception as exc:
             await asyncio.gather(*run.pending)
             rest = [item for n, item in enumerate(items) if n not in run.released]
-            self._count_failure(first.model, exc)
-            await self._settle([(item, _failure(exc)) for item in rest])
+            await self._recover(batch_id, first.model, rest, exc)
             return
         await asyncio.gather(*run.pending)
         await self._finish(run, first, completion)
+
+    async def _recover(self, batch_id: str, model: str, rest: list[Item], exc: Exception) -> None:
+        """The call failed for the requests not yet answered: split, re-ask singly, or fail."""
+        if isinstance(exc, UpstreamRejected):
+            # The provider refused something in this input: halve until only the culprit fails.
+            self.stats.add_soon(model, rejected=1)
+            half = len(rest) // 2
+            await asyncio.gather(self._ask(batch_id, rest[:half]), self._ask(batch_id, rest[half:]))
+        elif isinstance(exc, UpstreamStreamBroken):
+            await asyncio.gather(*(self.send_single(item) for item in rest))
+        else:
+            self._count_failure(model, exc)
+            await self._settle([(item, _failure(exc)) for item in rest])
 
     async def _call(
         self, run: _Run, first: Request, messages: list[dict[str, str]], per_answer: int | None
@@ -217,13 +222,14 @@ class Sender:
         if completion.finish_reason == "length":
             # Cut off: whichever answer came last may be incomplete, and nothing says which.
             slots = [None] * len(slots)
+        lengths = [count_tokens(s) if s else 0 for s in slots]
         todo = [n for n in range(len(run.items)) if n not in run.released]
         answered = [n for n in todo if slots[n]]
         fallbacks = [run.items[n] for n in todo if not slots[n]]
         if answered:
             # Shares of the whole call, over every slot, so early and late answers add up.
             prompts = split_prompt(completion.prompt_tokens, [i.tokens for i in run.items])
-            weights = [count_tokens(s) + 1 if s else 0 for s in slots]
+            weights = [lengths[n] + 1 if slots[n] else 0 for n in range(len(slots))]
             completions = split_total(completion.completion_tokens, weights)
             settled = [
                 (
@@ -244,8 +250,8 @@ class Sender:
             ]
             await self._settle(settled)
         size, misses = len(run.items), len(fallbacks)
-        lengths = [count_tokens(s) for s in slots if s]
-        mean = sum(lengths) / len(lengths) if lengths else 0.0
+        counted = [length for length, s in zip(lengths, slots, strict=True) if s]
+        mean = sum(counted) / len(counted) if counted else 0.0
         self.stats.add_soon(
             first.model,
             batches=1,
@@ -307,11 +313,28 @@ class Sender:
             self.stats.add_soon(model, rejected=1)
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix_tokens(system: str | None) -> int:
+    """Tokens of a batch's shared part (system prompt and instructions), counted once per system."""
+    return chat_prompt_tokens(build_batch_messages([], system=system))
+
+
+def _batch_prompt_tokens(system: str | None, question_tokens: list[int]) -> int:
+    """A batch prompt's tokens without re-counting its questions: prefix, questions, markers."""
+    return _prefix_tokens(system) + sum(question_tokens) + MARKER_TOKENS * len(question_tokens)
+
+
 def _failure(exc: BaseException) -> Outcome:
     kind = type(exc).__name__ if isinstance(exc, UpstreamError) else "RequestFailed"
     return Outcome(error=str(exc) or type(exc).__name__, kind=kind)
 
 
+_batch_serial = itertools.count()
+
+
 def new_batch_id(worker_id: str) -> str:
-    """``<claiming worker>.<random>``: logs and leases then say which worker sent a batch."""
-    return f"{worker_id}.{secrets.token_hex(5)}"
+    """``<claiming worker>.<serial>``: logs and leases then say which worker sent a batch.
+
+    Worker ids are random per process, so a counter keeps ids unique without a syscall each.
+    """
+    return f"{worker_id}.{next(_batch_serial)}"

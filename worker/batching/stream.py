@@ -29,6 +29,7 @@ from .labels import (
     fence_info,
     fence_opener,
     holds_label,
+    inline_numbers,
     is_echo,
     line_labels,
     line_tokens,
@@ -76,6 +77,7 @@ class SlotStream:
         self._inline = False  # it did: any further label line makes the shape unusual
         self._found: LineTokens | None = None  # the labels read on that line so far
         self._scanned = 0  # inline labels are known up to here in that line
+        self._suspect: set[int] = set()  # answer numbers written inside label lines
         self._released: dict[int, str] = {}
         self._held = False
         self._result: StreamResult | None = None
@@ -157,7 +159,8 @@ class SlotStream:
         if self._inline or number != self._m + 1 or number > self._count:
             self._hold()
             return
-        if self._last is not None:
+        if self._last is not None and not {self._m, number} & self._suspect:
+            # (The final parse voids a slot whose label, or the next one, is in doubt.)
             body = self._lines[self._last.line + 1 : index]
             self._release(self._m - 1, span_text(self._last, body, last=False), out)
         if self._m == 0:
@@ -258,3 +261,4 @@ class SlotStream:
                 return
         self._last = label
         self._fence = fence_opener(label.rest)
+        self._suspect |= inline_numbers(line)

@@ -9,6 +9,7 @@ per ``BLOCK_S``.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import secrets
 import threading
@@ -32,6 +33,7 @@ class Inbox:
     def __init__(self, url: str) -> None:
         self.worker_id = secrets.token_hex(6)
         self.key = PREFIX + self.worker_id
+        self._serial = itertools.count()  # unique within the process, which the id names
         # Its own connection: a blocking pop must never wait for, or hold up, the shared pool.
         self._redis = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=BLOCK_S + 10
@@ -49,7 +51,7 @@ class Inbox:
 
     def new_delivery(self, task_id: str) -> tuple[str, concurrent.futures.Future[Outcome]]:
         """A delivery id for this run of ``task_id`` and the future its outcome will resolve."""
-        delivery = f"{task_id}:{self.worker_id}:{secrets.token_hex(4)}"
+        delivery = f"{task_id}:{self.worker_id}:{next(self._serial)}"
         future: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
         with self._lock:
             self._futures[delivery] = future

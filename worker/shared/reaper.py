@@ -63,7 +63,7 @@ class Reaper:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sweep()
-            except redis.RedisError as exc:
+            except Exception as exc:  # a Redis or broker outage: the next sweep tries again
                 log.warning("reaper sweep failed: %s", type(exc).__name__)
 
     def sweep(self, now: float | None = None) -> tuple[int, int]:

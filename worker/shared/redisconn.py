@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -44,8 +44,8 @@ class RedisUnavailable(BrokerUnavailable):
     """Redis did not answer before the request's deadline; the message says for how long and why."""
 
 
-def _no_retry() -> Retry:
-    return Retry(NoBackoff(), 0)
+# Wait up to 30 s for a free connection; fail a connect fast (the caller's retry waits it out).
+POOL: dict[str, Any] = {"timeout": 30, "socket_connect_timeout": 2, "health_check_interval": 30}
 
 
 def sync_client(url: str, *, max_connections: int) -> redis.Redis:
@@ -54,24 +54,13 @@ def sync_client(url: str, *, max_connections: int) -> redis.Redis:
     The pool is sized by the caller for the process's threads; a blocking pool turns a burst
     beyond that into a short wait, never into ``MaxConnectionsError``.
     """
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=30,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool, retry=_no_retry())
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, **POOL)
+    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
 def async_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=30,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-    )
+    """The collector loop's client: the same pool rules as :func:`sync_client`."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, **POOL)
     return aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 0))
 
 
