@@ -58,9 +58,15 @@ def sync_client(url: str, *, max_connections: int) -> redis.Redis:
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 
-def async_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """The collector loop's client: the same pool rules as :func:`sync_client`."""
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, **POOL)
+def async_client(url: str, *, max_connections: int = 512) -> aioredis.Redis:
+    """The collector loop's client.
+
+    A plain pool: the loop's own tasks bound how many connections it uses (settles, flushes,
+    leases: tens), and asyncio's blocking pool costs a condition and a timeout per command.
+    """
+    pool = aioredis.ConnectionPool.from_url(
+        url, max_connections=max_connections, socket_connect_timeout=2, health_check_interval=30
+    )
     return aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 0))
 
 
