@@ -114,9 +114,7 @@ class Collector:
 
     def send_claimed(self, verdict: Verdict, group: str, model: str) -> None:
         """A batch a task thread claimed while joining: send it, and watch what it left."""
-        self._call_soon(self.sender.send_batch(verdict.batch, verdict.items))
-        if verdict.left:
-            self.watch(group, model, self.settings.window_ms)
+        self._call_soon(self._send_claimed(verdict, group, model))
 
     def watch(self, group: str, model: str, delay_ms: int) -> None:
         """Flush ``group`` when its window closes (in ``delay_ms``), unless already watching.
@@ -132,7 +130,7 @@ class Collector:
 
     def fail(self, settlements: list[Settlement]) -> None:
         """Settle failures decided on a task thread (its deadline passed) so followers learn."""
-        self._call_soon(self._settle_failures(settlements))
+        self._call_soon(self.sender.settle(settlements, time.monotonic() + FLUSH_RETRY_S))
 
     def flush_all(self) -> None:
         """Warm shutdown: send what the windows this process watches hold, now."""
@@ -208,21 +206,14 @@ class Collector:
         if verdict.action == "wait":
             self._arm(group, model, verdict.delay_ms)
         elif verdict.action == "batch":
-            if verdict.left:
-                self._arm(group, model, self.settings.window_ms)
-            await self.sender.send_batch(verdict.batch, verdict.items)
+            await self._send_claimed(verdict, group, model)
         else:
             self._models.pop(group, None)
 
-    async def _settle_failures(self, settlements: list[Settlement]) -> None:
-        try:
-            await retry_async(
-                "settle failure",
-                lambda: self.settler.settle(settlements),
-                time.monotonic() + FLUSH_RETRY_S,
-            )
-        except RedisUnavailable as exc:
-            log.warning("could not pass a failure on: %s", exc)
+    async def _send_claimed(self, verdict: Verdict, group: str, model: str) -> None:
+        if verdict.left:  # the claim took a full batch; the rest waits for its own window
+            self._arm(group, model, self.settings.window_ms)
+        await self.sender.send_batch(verdict.batch, verdict.items)
 
     # -- taking over from dead senders ------------------------------------------------------
     def _ensure_sweeper(self) -> None:

@@ -85,15 +85,7 @@ class Sender:
             await self._ask(batch_id, list(items))
         finally:
             keeper.cancel()
-            deadline = time.monotonic() + SETTLE_GRACE_S
-            try:
-                await retry_async(
-                    "lease release",
-                    lambda: self.settler.settle([], release_batch=batch_id),
-                    deadline,
-                )
-            except RedisUnavailable as exc:
-                log.warning("batch %s: lease not released (%s); it will lapse", batch_id, exc)
+            await self.settle([], time.monotonic() + SETTLE_GRACE_S, release_batch=batch_id)
 
     async def _keep_lease(self, batch_id: str) -> None:
         """Renew the lease while we work, so nobody takes over a batch that is only slow."""
@@ -315,12 +307,31 @@ class Sender:
         if not outcomes:
             return
         settlements = [Settlement(i.key, i.delivery, i.inbox, o) for i, o in outcomes]
-        deadline = max(_monotonic(i.deadline) for i, _ in outcomes) + SETTLE_GRACE_S
+        await self.settle(
+            settlements, max(_monotonic(i.deadline) for i, _ in outcomes) + SETTLE_GRACE_S
+        )
+
+    async def settle(
+        self, settlements: list[Settlement], deadline: float, *, release_batch: str = ""
+    ) -> None:
+        """The settle script, retried until ``deadline``; giving up only logs.
+
+        Requests left unsettled time out in their task and say so, and a redelivery asks
+        again; a lease left unreleased lapses.
+        """
         try:
-            await retry_async("settle", lambda: self.settler.settle(settlements), deadline)
+            await retry_async(
+                "settle",
+                lambda: self.settler.settle(settlements, release_batch=release_batch),
+                deadline,
+            )
         except RedisUnavailable as exc:
-            # Their tasks time out and say so; a redelivery asks again.
-            log.error("could not settle %d request(s): %s", len(settlements), exc)
+            log.error(
+                "could not settle %d request(s) (batch %s): %s",
+                len(settlements),
+                release_batch or "-",
+                exc,
+            )
 
     def _count_failure(self, model: str, exc: BaseException) -> None:
         if isinstance(exc, UpstreamRejected):

@@ -76,14 +76,13 @@ class Inbox:
         """Resolve the future a pushed ``<delivery>\\n<outcome>`` message is for, if it waits."""
         text = message.decode() if isinstance(message, bytes) else message
         delivery, _, payload = text.partition("\n")
-        with self._lock:
-            future = self._futures.pop(delivery, None)
-        if future is None or future.done():
-            return  # its thread gave up, or a second copy of a settled outcome
+        if delivery not in self._futures:
+            return  # its thread gave up, or a second copy of a settled outcome: skip the parse
         try:
-            future.set_result(Outcome.load(payload))
+            outcome = Outcome.load(payload)
         except (ValueError, KeyError) as exc:
-            future.set_result(Outcome(error=f"unreadable outcome ({type(exc).__name__})"))
+            outcome = Outcome(error=f"unreadable outcome ({type(exc).__name__})")
+        self.resolve(delivery, outcome)
 
     def _run(self) -> None:
         backoff: Backoff | None = None
