@@ -1,5 +1,6 @@
 """What an app imports to use coalesce: the client, its records and its errors."""
 
+from ._async_client import AsyncClient, AsyncTicket
 from ._client import Client, Ticket, build_request
 from ._exceptions import (
     BrokerUnavailable,
@@ -21,6 +22,8 @@ from ._validate import validate_request
 
 __all__ = [
     "Answer",
+    "AsyncClient",
+    "AsyncTicket",
     "BrokerUnavailable",
     "Client",
     "CoalesceError",

@@ -21,8 +21,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_extended": False,
         "result_expires": settings.result_expires_s,
         "task_default_queue": settings.queue,
-        # Unacknowledged messages come back after this long, so a killed worker's requests
-        # are answered within minutes rather than Redis's default hour.
+        # Workers turn kombu's ack emulation off (worker/app.py) and the reaper re-sends lost
+        # requests after the visibility timeout; kept here for any consumer that keeps it on.
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 5,

@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
-Source = Literal["batched", "single", "dedup", "cache"]
+Source = Literal["batched", "single", "dedup", "cache", "passthrough"]
 
 
 class Request(BaseModel):
-    """One prompt as a producer submits it. Strict: a wrong type is an error, not a coercion."""
+    """One request as a producer submits it. Strict: a wrong type is an error, not a coercion.
+
+    Exactly one of ``prompt`` (the batchable shorthand, with ``system``) and ``messages`` (an
+    OpenAI conversation, sent upstream as its own call: *passthrough*) is set; a passthrough
+    request's ``prompt`` is ``""``, so code that reads prompts stays simple. ``params`` holds
+    every other OpenAI body field: for passthrough all of them exactly as sent (temperature and
+    max tokens included), for the prompt form only the answer-changing ones a batch may share.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: StrictStr
+    prompt: StrictStr = ""
     model: StrictStr = Field(min_length=1, max_length=200)
     system: StrictStr | None = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: StrictInt | None = Field(None, ge=1, le=1_000_000)
     tenant: StrictStr | None = Field(None, max_length=200)
+    messages: list[dict[str, Any]] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    stream: StrictBool = False
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    @model_validator(mode="after")
+    def _one_form(self) -> Request:
+        if self.messages is None and not self.prompt.strip():
             raise ValueError("prompt is empty")
-        return value
+        if self.messages is not None and (self.prompt or self.system is not None):
+            raise ValueError("a messages request has no prompt or system")
+        return self
 
     @field_validator("temperature", mode="before")
     @classmethod
@@ -42,9 +62,23 @@ class Request(BaseModel):
             raise ValueError("model must be a non-empty name without spaces")
         return value
 
+    @property
+    def passthrough(self) -> bool:
+        """Whether this request is sent upstream as its own call, exactly as the app sent it."""
+        return self.messages is not None
+
+    def body(self) -> dict[str, Any]:
+        """The upstream body of a passthrough request: the app's fields, model and messages."""
+        return {**self.params, "model": self.model, "messages": self.messages}
+
 
 class Answer(BaseModel):
-    """What a request resolves to. Tokens and cost are this request's share of what was billed."""
+    """What a request resolves to. Tokens and cost are this request's share of what was billed.
+
+    ``text`` is the assistant's content ("" when a passthrough reply holds only tool calls);
+    ``message`` is the assistant message as the upstream returned it (passthrough only), and
+    ``finish_reason`` the upstream's (batched answers are complete, so ``"stop"``).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -56,3 +90,5 @@ class Answer(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    message: dict[str, Any] | None = None
+    finish_reason: str | None = "stop"

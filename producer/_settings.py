@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     stream: bool = True
     max_prompt_chars: int = Field(20_000, ge=1)
     max_system_chars: int = Field(100_000, ge=1)
+    max_messages: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(128_000, ge=1, le=1_000_000)
     submit_retry_s: float = Field(5.0, ge=0, le=600)
 
     upstream_timeout_s: float = Field(30.0, gt=0)
@@ -70,6 +72,30 @@ class Settings(BaseSettings):
         default_factory=lambda: dict(DEFAULT_PRICES)
     )
     log_prompts: bool = False
+
+    # ``coalesce api``: the OpenAI-compatible HTTP server (producer/api).
+    api_keys: SecretStr | None = Field(
+        None, description="API keys and their tenants: 'key1=tenant-a,key2=tenant-b'."
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file of keys, one 'key=tenant' per line ('#' starts a comment)."
+    )
+    api_allow_anonymous: bool = Field(
+        False, description="Serve without keys (tenant 'default'); refused unless set."
+    )
+    api_rpm: int = Field(0, ge=0, description="Requests per minute per key (0: no limit).")
+    api_max_in_flight: int = Field(
+        1000, ge=0, description="Requests waiting for an answer per key (0: no limit)."
+    )
+    api_max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413."
+    )
+    api_timeout_s: float = Field(
+        90.0, gt=0, description="How long a request waits for its answer before a 504."
+    )
+    api_models: str = Field(
+        "", description="Comma-separated models for /v1/models; empty: ask the upstream."
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -189,10 +189,11 @@ def test_sigkill_mid_run_loses_nothing(fake_llm, worker_env, workers, client, re
     except RequestFailed:
         r = redis.Redis.from_url(redis_url)
         missing = [t.id for t in tickets if not t.ready()]
-        unacked = [v for v in r.hvals("unacked") if any(m.encode() in v for m in missing)]
+        running = {m for k in r.scan_iter(match="coalesce:held:*") for m in r.smembers(k)}
+        held = [m for m in missing if m.encode() in running]
         queued = [v for v in r.lrange("coalesce", 0, -1) if any(m.encode() in v for m in missing)]
         raise AssertionError(
-            f"{len(missing)} unanswered; {len(unacked)} in unacked, {len(queued)} queued, "
+            f"{len(missing)} unanswered; {len(held)} held by a worker, {len(queued)} queued, "
             f"done before kill {done_before}"
         ) from None
     for job, answer in zip(jobs, answers, strict=True):

@@ -90,7 +90,7 @@ def rejection(settings: Settings, data: object) -> str:
         ({"temperature": 2.5}, "temperature: must be between 0 and 2"),
         ({"temperature": -0.1}, "temperature: must be between 0 and 2"),
         ({"max_tokens": 0}, "max_tokens: must be at least 1"),
-        ({"max_tokens": 1_000_001}, "max_tokens: must be at most 1000000"),
+        ({"max_tokens": 128_001}, "max_tokens: must be at most 128000 (COALESCE_MAX_TOKENS_LIMIT)"),
         ({"max_tokens": 1.5}, "max_tokens: must be an integer or null, not float"),
         ({"max_tokens": "3"}, "max_tokens: must be an integer or null, not str"),
         ({"tenant": 7}, "tenant: must be a string or null, not int"),
@@ -120,7 +120,7 @@ def test_every_bad_field_is_named_in_one_message(settings: Settings) -> None:
         "max_tokens": -1,
         "tenant": [],
         "top_q": 1,
-        "stream": True,
+        "stream": "yes",
     }
     assert rejection(settings, data) == (
         "invalid request: prompt: must not be empty; "
@@ -129,8 +129,9 @@ def test_every_bad_field_is_named_in_one_message(settings: Settings) -> None:
         "temperature: must be a number, not str; "
         "max_tokens: must be at least 1; "
         "tenant: must be a string or null, not list; "
-        "top_q, stream: unknown fields, not permitted "
-        "(known fields: prompt, model, system, temperature, max_tokens, tenant)"
+        "stream: must be a boolean, not str; "
+        "top_q: unknown field, not permitted (known fields: prompt, model, system, "
+        "temperature, max_tokens, tenant, messages, params, stream)"
     )
 
 

@@ -216,3 +216,78 @@ async def test_a_model_shrunk_to_one_is_sent_singly_then_probed_after_a_rest(
     time.sleep(0.25)
     assert window.join("g6", item(dedup, 2), "gpt-4o-mini", "b2").action == "wait"
     assert read_sizer(client)["gpt-4o-mini"]["limit"] == 2
+
+
+# -- holders and the reaper ------------------------------------------------------------------
+
+
+def test_a_workers_held_set_is_replaced_each_tick_and_lapses(client: redis.Redis) -> None:
+    from worker.shared.held import HELD, held_by_live_workers, publish_held
+
+    publish_held(client, "a1a1a1", ["t1", "t2"], ttl_s=5)
+    publish_held(client, "b2b2b2", ["t3"], ttl_s=0.05)  # a worker that stops refreshing
+    publish_held(client, "a1a1a1", ["t2"], ttl_s=5)  # t1 ended (with or without a result)
+    time.sleep(0.1)
+    assert held_by_live_workers(client) == {"t2"}
+    publish_held(client, "a1a1a1", [], ttl_s=5)
+    assert client.exists(HELD + "a1a1a1") == 0
+
+
+def test_the_reaper_resends_only_what_no_live_worker_holds(redis_url: str) -> None:
+    """Overdue, not queued: held by a live worker it waits; held by none it is re-sent."""
+    from celery import Celery
+
+    from producer import Request, load_settings
+    from producer._celeryconf import celery_config
+    from producer._pending import PENDING, record
+    from worker.shared.held import publish_held
+    from worker.shared.reaper import LOCK, Reaper
+
+    settings = load_settings(redis_url=redis_url, queue=f"reaper-{secrets.token_hex(3)}")
+    app = Celery("reaper-test", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    r = redis.Redis.from_url(redis_url)
+    reaper = Reaper(r, app, settings)
+    payload = Request(prompt="Where is my parcel?", model="gpt-4o-mini").model_dump()
+    for task_id in ("held-live", "held-dead"):
+        record(r, task_id, payload)
+        r.zadd(PENDING, {task_id: time.time() - 3600})
+    publish_held(r, "c3c3c3", ["held-live"], ttl_s=30)  # held-dead: its worker is gone
+    for _ in range(2):  # missing on two sweeps in a row before it is taken for lost
+        r.delete(LOCK)
+        reaper.sweep()
+    queued = b"".join(r.lrange(settings.queue, 0, -1))
+    assert b"held-dead" in queued
+    assert b"held-live" not in queued
+    app.close()
+    r.close()
+
+
+# -- the worker's result backend ----------------------------------------------------------------
+
+
+def test_a_stored_result_is_final_and_published_once(redis_url: str) -> None:
+    from celery import Celery
+
+    app = Celery("results-test", set_as_current=False)
+    app.conf.result_backend = f"worker.shared.results:FinalResults+{redis_url}"
+    backend = app.backend
+    r = redis.Redis.from_url(redis_url)
+    listener = r.pubsub()
+    listener.subscribe(backend.get_key_for_task("final-1"))
+    listener.get_message(timeout=1)  # the subscribe confirmation
+    backend.store_result("final-1", {"text": "first"}, "SUCCESS")
+    # Neither may be overwritten by a later copy of the task.
+    backend.store_result("final-1", RuntimeError("late copy failed"), "FAILURE")
+    backend.store_result("final-2", RuntimeError("upstream refused"), "FAILURE")
+    backend.store_result("final-2", {"text": "late"}, "SUCCESS")  # a failure is final too
+    first = backend.get_task_meta("final-1", cache=False)
+    assert (first["status"], first["result"]) == ("SUCCESS", {"text": "first"})
+    assert backend.get_task_meta("final-2", cache=False)["status"] == "FAILURE"
+    published = listener.get_message(timeout=1)
+    assert published is not None and b'"first"' in published["data"]
+    assert listener.get_message(timeout=0.2) is None  # the refused overwrite published nothing
+    assert 0 < r.ttl(backend.get_key_for_task("final-1")) <= 86400
+    listener.close()
+    r.close()
+    app.close()

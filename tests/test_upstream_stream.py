@@ -344,3 +344,45 @@ async def test_api_key_not_in_stream_errors() -> None:
         with pytest.raises(UpstreamStreamBroken) as info:
             await stream(upstream)
     assert KEY not in str(info.value) and KEY not in repr(info.value)
+
+
+# -- the byte-level SSE parser -----------------------------------------------------------------
+
+
+def _parse_in_pieces(body: bytes, cuts: Iterable[int]) -> list[tuple[str, str]]:
+    from worker.upstream.responses import SseParser
+
+    parser = SseParser()
+    events: list[tuple[str, str]] = []
+    start = 0
+    for cut in [*sorted(cuts), len(body)]:
+        events += parser.feed(body[start:cut])
+        start = cut
+    return events + parser.close()
+
+
+SSE_BODY = (
+    ": keep-alive\r\n\r\n"
+    'data: {"a": "é"}\r\n\r\n'
+    "event: error\ndata: line one\ndata: line two\n\n"
+    "id: 7\rdata: cr only\r\r"
+    "data: [DONE]"  # the last event without its blank line
+).encode()
+SSE_EVENTS = [
+    ("message", '{"a": "é"}'),
+    ("error", "line one\nline two"),
+    ("message", "cr only"),
+    ("message", "[DONE]"),
+]
+
+
+def test_sse_parser_reads_every_line_ending_in_one_piece() -> None:
+    assert _parse_in_pieces(SSE_BODY, []) == SSE_EVENTS
+
+
+def test_sse_parser_gives_the_same_events_however_the_body_is_cut() -> None:
+    # Network reads split lines, CRLF pairs and multi-byte characters anywhere.
+    rng = random.Random(5)
+    for _ in range(300):
+        cuts = rng.sample(range(1, len(SSE_BODY)), rng.randint(1, 12))
+        assert _parse_in_pieces(SSE_BODY, cuts) == SSE_EVENTS, cuts

@@ -7,6 +7,7 @@ because a task mostly waits for its batch: one slot per request in flight.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery, signals
@@ -20,6 +21,8 @@ settings.check_worker()
 
 app = Celery("coalesce", include=["worker.tasks"])
 app.conf.update(celery_config(settings))
+# One script per stored result, and a final result is never overwritten (shared/results.py).
+app.conf.result_backend = f"worker.shared.results:FinalResults+{settings.redis_url}"
 app.conf.update(
     worker_pool="threads",
     worker_concurrency=settings.worker_concurrency,
@@ -27,6 +30,14 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    # Kombu's ack emulation records every message in Redis on receipt and again on ack: two
+    # transactions on the one thread that takes in every message, which capped a worker's
+    # intake. Lost messages are found by the reaper instead (``shared/reaper.py``): every
+    # request is recorded before it is enqueued, and each running one names its live worker.
+    broker_transport_options={
+        **app.conf.broker_transport_options,
+        "ack_emulation": False,
+    },
     worker_send_task_events=True,
     task_track_started=False,
     worker_hijack_root_logger=False,
@@ -45,7 +56,12 @@ def _result_repr(value: Any, maxlen: int | None = None) -> str:
     """
     if isinstance(value, dict) and isinstance(value.get("text"), str) and not settings.log_prompts:
         # An Answer's dict is flat, so the builtin repr is safe and much cheaper than saferepr.
-        shown = repr({**value, "text": f"<{len(value['text'])} chars>"})
+        hidden: dict[str, Any] = {**value, "text": f"<{len(value['text'])} chars>"}
+        message = value.get("message")
+        if isinstance(message, dict):  # a passthrough reply: content and tool-call arguments
+            calls = message.get("tool_calls") or []
+            hidden["message"] = f"<message, {len(calls)} tool calls>"
+        shown = repr(hidden)
         return shown if maxlen is None else shown[:maxlen]
     return str(_saferepr(value, maxlen))
 
@@ -80,6 +96,43 @@ def _reuse_kombu_redis_clients() -> None:
 
 _reuse_kombu_redis_clients()
 
+EVENT_FLUSH_S = 0.05
+
+
+def _pace_event_flushes() -> None:
+    """Publish buffered task events at most every ``EVENT_FLUSH_S`` instead of every loop turn.
+
+    Celery buffers task events and flushes them on the consumer loop's next turn, which under
+    load is one publish (a JSON encode and a Redis round trip on the thread that takes in
+    every message) per one or two events. Pacing the flushes sends a few dozen per publish;
+    Flower sees them at most 50 ms later, and a full buffer (24 events) still goes at once.
+    """
+    from celery.worker.consumer.consumer import Consumer
+
+    flush_now: Any = Consumer._flush_events
+
+    def _flush_events(self: Any) -> None:
+        hub = self.hub
+        now = time.monotonic()
+        due = self.__dict__.get("_coalesce_events_due", 0.0)
+        if hub is None or now >= due:
+            self.__dict__["_coalesce_events_due"] = now + EVENT_FLUSH_S
+            flush_now(self)
+        elif not self.__dict__.get("_coalesce_events_timer"):
+            # Runs on the loop's own thread, so its timer heap is safe to touch here.
+            self.__dict__["_coalesce_events_timer"] = True
+            hub.call_later(due - now, _timer_fired, self)
+
+    def _timer_fired(consumer: Any) -> None:
+        consumer.__dict__["_coalesce_events_timer"] = False
+        consumer.__dict__["_coalesce_events_due"] = 0.0
+        flush_now(consumer)
+
+    setattr(Consumer, "_flush_events", _flush_events)  # noqa: B010
+
+
+_pace_event_flushes()
+
 
 @signals.worker_ready.connect
 def _warm_up(**_: Any) -> None:
@@ -90,7 +143,10 @@ def _warm_up(**_: Any) -> None:
 
     pipeline = get_pipeline(settings)
     count_tokens("warm up")
-    Reaper(pipeline.redis, app, settings).start()
+    inbox = pipeline.inbox
+    Reaper(
+        pipeline.redis, app, settings, worker_id=inbox.worker_id, running=inbox.running_tasks
+    ).start()
 
 
 @signals.worker_shutting_down.connect

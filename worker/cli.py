@@ -111,6 +111,21 @@ def submit(
 
 
 @app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    workers: Annotated[int, typer.Option(help="Server processes (each one event loop).")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, ...)."""
+    from producer.api import serve
+
+    if workers < 1:
+        raise typer.BadParameter("workers must be at least 1")
+    serve(host=host, port=port, workers=workers, log_level=log_level)
+
+
+@app.command()
 def demo(
     requests: Annotated[int, typer.Option(help="How many requests to send.")] = 120,
     latency_ms: Annotated[float, typer.Option(help="Fake upstream latency per call.")] = 300.0,
@@ -168,6 +183,21 @@ def bench_latency(
         ms_per_token=ms_per_token,
         workers=workers,
     )
+
+
+@bench_app.command("api")
+def bench_api(
+    requests: Annotated[int, typer.Option(help="Requests at once, direct and via the API.")] = 1000,
+    callers: Annotated[int, typer.Option(help="Closed-loop callers in the second run.")] = 32,
+    waiting: Annotated[int, typer.Option(help="Requests held waiting at once.")] = 1000,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Requests/s, the API's added latency (p50/p99) and its memory with many requests waiting."""
+    from .dev.bench.api import run_api_bench
+
+    if min(requests, callers, waiting, workers) < 1:
+        raise typer.BadParameter("requests, callers, waiting and workers must be positive")
+    run_api_bench(requests=requests, callers=callers, waiting=waiting, workers=workers)
 
 
 def main() -> None:

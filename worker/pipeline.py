@@ -23,6 +23,7 @@ from .batching.grouping import group_key
 from .batching.prompt import is_batch_safe
 from .batching.sender import new_batch_id
 from .batching.window import Item, Verdict
+from .passthrough import Passthrough
 from .shared.dedup import Dedup, Outcome
 from .shared.inbox import Inbox
 from .shared.redisconn import retry_sync, sync_client
@@ -58,6 +59,7 @@ class Pipeline:
             waiting=lambda: self.inbox.waiting,
         )
         self.entry = Entry(self.redis, self.collector.window, claim_ttl_ms=int(CLAIM_TTL_S * 1000))
+        self.passthrough = Passthrough(settings, self.collector)
         log.info("coalesce worker %s ready", self.inbox.worker_id)
 
     def _make_upstream(self) -> Upstream:
@@ -91,7 +93,12 @@ class Pipeline:
         item = self._item(request, key, delivery, deadline)
         group = group_key(request).id
         # A question with label-like lines could move answers between requests: it goes alone.
-        batchable = self.settings.max_batch >= 2 and is_batch_safe(request.prompt)
+        # A conversation (passthrough) never joins a window: it is its own call.
+        batchable = (
+            not request.passthrough
+            and self.settings.max_batch >= 2
+            and is_batch_safe(request.prompt)
+        )
         enqueued = False
         while True:
             enter = functools.partial(
@@ -129,7 +136,9 @@ class Pipeline:
 
     def _dispatch(self, item: Item, group: str, model: str, verdict: Verdict | None) -> None:
         """Act on what the window decided for a request we lead."""
-        if verdict is None or verdict.action == "single":
+        if item.request.passthrough:
+            self.passthrough.send(item)
+        elif verdict is None or verdict.action == "single":
             self.collector.send_single(item)
         elif verdict.action == "batch":
             self.collector.send_claimed(verdict, group, model)

@@ -16,6 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from producer import Request
+from producer._keys import answer_params
 
 SIZER = "coalesce:sizer"
 
@@ -23,7 +24,9 @@ SIZER = "coalesce:sizer"
 class GroupKey(NamedTuple):
     """Requests share a combined prompt only when all of these are equal.
 
-    The tenant is part of it, so two tenants' questions never meet in one call.
+    The tenant is part of it, so two tenants' questions never meet in one call; so are the
+    answer-changing parameters a chat request brought (top_p, seed, penalties), as canonical
+    JSON ("" for none), so requests with different ones never share a call.
     """
 
     tenant: str
@@ -31,6 +34,7 @@ class GroupKey(NamedTuple):
     system: str | None
     temperature: float
     max_tokens: int | None
+    params: str = ""
 
     @property
     def id(self) -> str:
@@ -46,7 +50,13 @@ def group_key(request: Request) -> GroupKey:
         system=request.system or None,
         temperature=float(request.temperature) + 0.0,
         max_tokens=request.max_tokens,
+        params=_params(request),
     )
+
+
+def _params(request: Request) -> str:
+    params = answer_params(request.params)
+    return json.dumps(params, sort_keys=True, ensure_ascii=False) if params else ""
 
 
 @dataclass(frozen=True)

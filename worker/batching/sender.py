@@ -104,6 +104,7 @@ class Sender:
                 messages=build_single_messages(request.prompt, system=request.system),
                 temperature=request.temperature,
                 max_tokens=request.max_tokens,
+                params=request.params,
                 deadline=_monotonic(item.deadline),
             )
         except Exception as exc:
@@ -175,6 +176,7 @@ class Sender:
                 messages=messages,
                 temperature=first.temperature,
                 max_tokens=max_tokens,
+                params=first.params,
                 deadline=deadline,
             )
             run.stream.feed(completion.text)

@@ -146,16 +146,19 @@ def start_fake_llm(port: int | None = None, **knobs: float | str) -> Proc:
         argv += [f"--{name.replace('_', '-')}", str(value)]
     proc = spawn(argv, log_name="fake-llm")
     proc.url = f"http://127.0.0.1:{port}/v1"
+    return wait_serving(proc, proc.url + "/models", what="fake upstream", timeout=20)
+
+
+def wait_serving(proc: Proc, probe: str, *, what: str, timeout: float) -> Proc:
+    """``proc`` once ``GET probe`` answers 200; stopped, with its log's tail, if it never does."""
     try:
         wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200,
-            timeout=20,
-            what="fake upstream",
+            lambda: httpx.get(probe, timeout=1).status_code == 200, timeout=timeout, what=what
         )
     except TimeoutError:
         tail = proc.log_tail()
         proc.stop()
-        raise TimeoutError(f"fake upstream did not start:\n{tail}") from None
+        raise TimeoutError(f"{what} did not start:\n{tail}") from None
     return proc
 
 

@@ -65,6 +65,12 @@ class Inbox:
     def waiting(self) -> int:
         return len(self._futures)
 
+    def running_tasks(self) -> set[str]:
+        """Task ids with a delivery waiting here (a delivery is ``<task id>:<worker>:<n>``)."""
+        with self._lock:
+            deliveries = list(self._futures)
+        return {delivery.rsplit(":", 2)[0] for delivery in deliveries}
+
     def resolve(self, delivery: str, outcome: Outcome) -> None:
         """Resolve a delivery of this process directly (its settler runs here too)."""
         with self._lock:

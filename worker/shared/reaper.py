@@ -1,12 +1,12 @@
 """Re-sends accepted requests whose message is really gone, so nothing accepted goes unanswered.
 
-Every request is recorded in ``coalesce:pending`` before it is enqueued (``producer/_pending.py``):
-kombu's Redis transport pops a message before it records it as unacknowledged, so a worker
-killed in that instant loses it. Every few seconds one worker (whoever holds a short lock) looks
-at records older than the bound. Those with a result are dropped. The rest are looked for in the
-queue and among unacknowledged messages (which kombu itself redelivers): a request found there
-is only waiting, in a backlog or on a live worker, and is left alone for another bound. Only a
-request missing from both on two sweeps in a row is re-sent, under its own task id.
+Every request is recorded in ``coalesce:pending`` before it is enqueued (``producer/_pending.py``).
+A worker takes a message off the queue for good (kombu's ack emulation is off), so a killed
+worker's messages exist nowhere else. Every few seconds one worker (whoever holds a short lock)
+looks at records older than the bound. Those with a result are dropped. The rest are looked for
+in the queue and among the requests held by live workers (``shared/held.py``): a request found
+there is only waiting, in a backlog or on a live worker, and is left alone for another bound.
+Only a request missing from both on two sweeps in a row is re-sent, under its own task id.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 
 import redis
 from celery import Celery
@@ -24,10 +25,11 @@ from producer import Settings
 from producer._client import send_request
 from producer._pending import PAYLOADS, PENDING
 
+from .held import held_by_live_workers, publish_held
+
 log = logging.getLogger("coalesce.reaper")
 
 LOCK = "coalesce:reaper:lock"
-UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
 _TASK_ID = re.compile(rb'"(?:id|correlation_id)": "([0-9A-Za-z_.:-]{1,200})"')
 _SCAN_CHUNK = 1_000
 
@@ -39,6 +41,8 @@ class Reaper:
         app: Celery,
         settings: Settings,
         *,
+        worker_id: str | None = None,
+        running: Callable[[], Iterable[str]] | None = None,
         interval_s: float = 5.0,
         batch: int = 5_000,
     ) -> None:
@@ -47,13 +51,17 @@ class Reaper:
         self._settings = settings
         self.interval_s = interval_s
         self.batch = batch
-        # Past this, a request with no result may have been lost: kombu would have redelivered it.
-        self.after_s = settings.visibility_timeout_s * 1.2 + interval_s
+        self.worker_id = worker_id  # None: a reaper that only sweeps (tests, tools)
+        self._running = running  # the task ids this worker's threads run now
+        # Past this a request with no result is looked for; only one found nowhere on two
+        # sweeps in a row is re-sent, so a request between queue and held set is never taken.
+        self.after_s = settings.visibility_timeout_s
         self._suspects: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coalesce-reaper", daemon=True)
 
     def start(self) -> None:
+        self._beat()
         self._thread.start()
 
     def stop(self) -> None:
@@ -61,6 +69,7 @@ class Reaper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            self._beat()
             try:
                 self.sweep()
             except Exception as exc:  # a Redis or broker outage: the next sweep tries again
@@ -99,8 +108,17 @@ class Reaper:
             self._resend(task_id, now)
         return len(done), len(lost)
 
+    def _beat(self) -> None:
+        """Say which requests this worker runs, so they are not taken for lost."""
+        if self.worker_id is None or self._running is None:
+            return
+        try:
+            publish_held(self._redis, self.worker_id, self._running(), ttl_s=self.interval_s * 4)
+        except redis.RedisError as exc:
+            log.warning("worker heartbeat failed: %s", type(exc).__name__)
+
     def _present(self) -> set[str]:
-        """Task ids in the queue or held unacknowledged (scanned only when something is overdue)."""
+        """Task ids in the queue or held by live workers (read only when something is overdue)."""
         found: set[str] = set()
         start = 0
         while True:
@@ -110,9 +128,7 @@ class Reaper:
             if len(chunk) < _SCAN_CHUNK:
                 break
             start += _SCAN_CHUNK
-        for raw in self._redis.hvals(UNACKED):
-            found.update(_ids(raw))
-        return found
+        return found | held_by_live_workers(self._redis)
 
     def _resend(self, task_id: str, now: float) -> None:
         raw = self._redis.hget(PAYLOADS, task_id)

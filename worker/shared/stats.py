@@ -25,6 +25,7 @@ FIELDS = (
     "batched_items",
     "fallbacks",
     "singles",
+    "passthrough",
     "rejected",
     "stream_released",
     "stream_mismatches",

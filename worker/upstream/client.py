@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,14 +25,15 @@ from producer._exceptions import (
 
 from .limiter import AdaptiveLimit, Verdict
 from .policy import RetryPolicy, parse_retry_after
+from .raw import ChunkAssembler, RawCompletion, chunks_from_completion, parse_raw
 from .responses import (
     Completion,
     Failure,
     FailureKind,
+    SseParser,
     StreamReader,
     parse_completion,
     provider_error,
-    sse_events,
 )
 
 logger = logging.getLogger("coalesce.upstream")
@@ -67,6 +68,20 @@ class _StreamState:
     @property
     def partial(self) -> str:
         return self.reader.text if self.reader is not None else ""
+
+
+@dataclass
+class _RawStreamState:
+    """What a passthrough stream has passed on so far (after that, no retry)."""
+
+    delivered: int = 0
+    assembler: ChunkAssembler | None = None
+
+    def broken(self, why: str) -> UpstreamStreamBroken:
+        partial = self.assembler.text if self.assembler is not None else ""
+        return UpstreamStreamBroken(
+            f"upstream stream broke after {self.delivered} chunks: {why}", partial
+        )
 
 
 class Upstream:
@@ -157,6 +172,7 @@ class Upstream:
         messages: Messages,
         temperature: float = 0.0,
         max_tokens: int | None = None,
+        params: Mapping[str, Any] | None = None,
         deadline: float | None = None,
     ) -> Completion:
         """One chat completion, retried until ``deadline``; raises an ``UpstreamError``.
@@ -165,7 +181,7 @@ class Upstream:
         would pass it, and a try still running then is cut off (``UpstreamTimeout``).
         400/413/422 raise ``UpstreamRejected`` at once: retrying the same input will not help.
         """
-        payload = _payload(model, messages, temperature, max_tokens)
+        payload = _payload(model, messages, temperature, max_tokens, params)
         return await self._retrying(lambda: self._post_once(payload, model, deadline), deadline)
 
     async def chat_stream(
@@ -175,6 +191,7 @@ class Upstream:
         messages: Messages,
         temperature: float = 0.0,
         max_tokens: int | None = None,
+        params: Mapping[str, Any] | None = None,
         deadline: float | None,
         on_text: Callable[[str], None],
     ) -> Completion:
@@ -187,9 +204,9 @@ class Upstream:
         """
         if not self.streams:
             return await self._chat_then_emit(
-                model, messages, temperature, max_tokens, deadline, on_text
+                model, messages, temperature, max_tokens, params, deadline, on_text
             )
-        payload = _payload(model, messages, temperature, max_tokens)
+        payload = _payload(model, messages, temperature, max_tokens, params)
         payload.update(stream=True, stream_options={"include_usage": True})
         state = _StreamState()
         try:
@@ -205,7 +222,7 @@ class Upstream:
             raise self._broken(state, "the request deadline passed") from None
         logger.info("upstream refused a streaming request; asking once without streaming")
         completion = await self._chat_then_emit(
-            model, messages, temperature, max_tokens, deadline, on_text
+            model, messages, temperature, max_tokens, params, deadline, on_text
         )
         if self.streams:
             self.streams = False
@@ -218,6 +235,7 @@ class Upstream:
         messages: Messages,
         temperature: float,
         max_tokens: int | None,
+        params: Mapping[str, Any] | None,
         deadline: float | None,
         on_text: Callable[[str], None],
     ) -> Completion:
@@ -226,6 +244,7 @@ class Upstream:
             messages=messages,
             temperature=temperature,
             max_tokens=max_tokens,
+            params=params,
             deadline=deadline,
         )
         if completion.text:
@@ -387,23 +406,45 @@ class Upstream:
         on_text: Callable[[str], None],
         state: _StreamState,
     ) -> Completion | Failure:
-        async for event, data in sse_events(response.aiter_lines()):
-            piece = reader.feed(event, data)
-            if isinstance(piece, Failure):
-                piece = Failure(piece.kind, self._redact(piece.detail))
-                if state.partial:
-                    raise self._broken(state, piece.detail)
-                return piece
-            if piece:
-                on_text(piece)
+        parser = SseParser()
+        async for data in response.aiter_bytes():
+            failure = self._take_events(parser.feed(data), reader, on_text, state)
+            if failure is not None:
+                return failure
             # After [DONE], keep reading to the end of the body (the server ends it there):
             # a response closed early takes its connection out of the pool.
+        failure = self._take_events(parser.close(), reader, on_text, state)
+        if failure is not None:
+            return failure
         if not reader.complete:
             if state.partial:
                 raise self._broken(state, "the stream ended before its end marker")
             return Failure("network", "stream ended before its end marker")
         self._stream_confirmed = True
         return reader.completion()
+
+    def _take_events(
+        self,
+        events: list[tuple[str, str]],
+        reader: StreamReader,
+        on_text: Callable[[str], None],
+        state: _StreamState,
+    ) -> Failure | None:
+        """Feed one read's events to ``reader``; their text goes to ``on_text`` in one piece."""
+        pieces: list[str] = []
+        failure: Failure | None = None
+        for event, data in events:
+            piece = reader.feed(event, data)
+            if isinstance(piece, Failure):
+                failure = Failure(piece.kind, self._redact(piece.detail))
+                break
+            if piece:
+                pieces.append(piece)
+        if pieces:
+            on_text("".join(pieces))
+        if failure is not None and state.partial:
+            raise self._broken(state, failure.detail)
+        return failure
 
     def _classify(self, response: httpx.Response, model: str) -> Completion | Failure:
         """Completion, retryable failure, or raise for a status that retrying will not fix."""
@@ -443,11 +484,161 @@ class Upstream:
             text = text.replace(self._api_key, _REDACTED)
         return text
 
+    # -- passthrough: the app's own body, sent as it is (see .raw) -----------------------------
+
+    async def complete_raw(self, body: dict[str, Any], *, deadline: float | None) -> RawCompletion:
+        """One completion for ``body`` exactly as given, retried like ``chat``; whole reply kept."""
+        model = str(body.get("model", ""))
+        completion = await self._retrying(
+            lambda: self._post_raw_once(body, model, deadline), deadline
+        )
+        assert isinstance(completion, RawCompletion)
+        return completion
+
+    async def stream_raw(
+        self,
+        body: dict[str, Any],
+        *,
+        deadline: float | None,
+        on_chunk: Callable[[dict[str, Any]], None],
+    ) -> RawCompletion:
+        """``body`` streamed: ``on_chunk`` gets each ``chat.completion.chunk`` as it arrives.
+
+        Usage is always asked for (the bill needs it). Retries only until the first chunk
+        was passed on; a break after that raises ``UpstreamStreamBroken``.
+        """
+        if not self.streams:  # this server does not stream (found by a batch or below)
+            return await self._raw_then_emit(body, deadline, on_chunk)
+        model = str(body.get("model", ""))
+        options = body.get("stream_options")
+        options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        payload = {**body, "stream": True, "stream_options": options}
+        state = _RawStreamState()
+        try:
+            completion = await self._retrying(
+                lambda: self._stream_raw_once(payload, model, deadline, on_chunk, state), deadline
+            )
+        except UpstreamTimeout:
+            if not state.delivered:
+                raise
+            raise state.broken("the request deadline passed") from None
+        except UpstreamRejected as exc:
+            if exc.status_code not in _STREAM_REFUSED_STATUSES or self._stream_confirmed:
+                raise
+            logger.info("upstream refused a streaming passthrough; asking once without streaming")
+            return await self._raw_then_emit(body, deadline, on_chunk)
+        assert isinstance(completion, RawCompletion)
+        return completion
+
+    async def _raw_then_emit(
+        self,
+        body: dict[str, Any],
+        deadline: float | None,
+        on_chunk: Callable[[dict[str, Any]], None],
+    ) -> RawCompletion:
+        """A plain call, handed on as the chunks a stream of it would have held."""
+        completion = await self.complete_raw(body, deadline=deadline)
+        for chunk in chunks_from_completion(completion.body):
+            on_chunk(chunk)
+        return completion
+
+    async def _post_raw_once(
+        self, body: dict[str, Any], model: str, deadline: float | None
+    ) -> Completion | Failure:
+        try:
+            response = await self._client.post(
+                self._url, json=body, timeout=self._try_timeout(deadline)
+            )
+        except httpx.HTTPError as exc:
+            return self._transport_failure(exc)
+        return self._raw_outcome(response, model)
+
+    def _raw_outcome(self, response: httpx.Response, model: str) -> Completion | Failure:
+        if 200 <= response.status_code < 300:
+            outcome = parse_raw(response, model)
+            if isinstance(outcome, Failure):
+                return Failure(outcome.kind, self._redact(outcome.detail), outcome.status)
+            return outcome
+        return self._classify(response, model)  # raises for 4xx; a Failure to retry otherwise
+
+    async def _stream_raw_once(
+        self,
+        payload: dict[str, Any],
+        model: str,
+        deadline: float | None,
+        on_chunk: Callable[[dict[str, Any]], None],
+        state: _RawStreamState,
+    ) -> Completion | Failure:
+        try:
+            async with self._client.stream(
+                "POST", self._url, json=payload, timeout=self._try_timeout(deadline)
+            ) as response:
+                if not response.is_success or "json" in response.headers.get("content-type", ""):
+                    await response.aread()  # an error, or a server that ignored ``stream``
+                    outcome = self._raw_outcome(response, model)
+                    if isinstance(outcome, RawCompletion):
+                        for chunk in chunks_from_completion(outcome.body):
+                            state.delivered += 1
+                            on_chunk(chunk)
+                    return outcome
+                state.assembler = ChunkAssembler(model)
+                outcome = await self._read_chunks(response, state, on_chunk)
+                if isinstance(outcome, RawCompletion):
+                    self._stream_confirmed = True
+                return outcome
+        except httpx.HTTPError as exc:
+            if state.delivered:
+                raise state.broken(type(exc).__name__) from None
+            return self._transport_failure(exc)
+
+    async def _read_chunks(
+        self,
+        response: httpx.Response,
+        state: _RawStreamState,
+        on_chunk: Callable[[dict[str, Any]], None],
+    ) -> Completion | Failure:
+        assembler = state.assembler
+        assert assembler is not None
+        async for event, data in _sse(response):
+            piece = assembler.feed(event, data)
+            if isinstance(piece, Failure):
+                if state.delivered:
+                    raise state.broken(self._redact(piece.detail))
+                return Failure(piece.kind, self._redact(piece.detail))
+            if piece is not None:
+                state.delivered += 1
+                on_chunk(piece)
+        if not assembler.complete:
+            if state.delivered:
+                raise state.broken("the stream ended before its end marker")
+            return Failure("network", "stream ended before its end marker")
+        return assembler.completion()
+
+
+async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """A streamed body's events one by one (for callers that act on each)."""
+    parser = SseParser()
+    async for data in response.aiter_bytes():
+        for event in parser.feed(data):
+            yield event
+    for event in parser.close():
+        yield event
+
 
 def _payload(
-    model: str, messages: Messages, temperature: float, max_tokens: int | None
+    model: str,
+    messages: Messages,
+    temperature: float,
+    max_tokens: int | None,
+    params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature}
+    """The call's body: the app's other parameters (top_p, seed, ...) under ours."""
+    payload: dict[str, Any] = {
+        **(params or {}),
+        "model": model,
+        "messages": messages,
+        "temperature": temperature,
+    }
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
     return payload

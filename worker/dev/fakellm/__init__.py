@@ -7,6 +7,14 @@ rate or a concurrency limit, a bounded queue, content-filter rejections, streams
 ignored or refused -- so the worker's recovery paths run against real HTTP rather than mocks.
 Knobs (:class:`FakeConfig`) can be changed live through ``POST /config``.
 
+Conversations are answered from their last user message (so ``expected_answer(model, system,
+last user message)`` holds for them too). A request with ``tools`` whose last message is the
+user's gets one deterministic tool call (the tool ``tool_choice`` names, else the first, with
+``{<its first parameter>: <the last user message>}`` as arguments, finish_reason
+``tool_calls``), streamed as tool-call deltas when asked to stream; after a tool result it
+answers in text. ``GET /debug/last`` (and ``/debug/bodies``, the last 50) return the chat
+bodies as received, so tests can check what reached the provider.
+
 Modules: ``config`` (knobs), ``answers`` (deterministic answers, batch splitting, tokens),
 ``replies`` (reply layouts), ``protocol`` (OpenAI wire format), ``state`` (limits and
 counters), ``app`` (routes and timing).

@@ -108,11 +108,13 @@ def _too_many(state: State) -> Response:
 async def _chat(state: State, request: Request) -> Response:
     """Validate, refuse what the knobs refuse, then answer inside the concurrency limits."""
     try:
-        chat = parse_chat(await request.json())
+        body = await request.json()
+        chat = parse_chat(body)
     except ValueError as exc:  # includes invalid JSON
         state.bump("bad_requests")
         message = str(exc) if isinstance(exc, BadRequest) else "the body is not valid JSON"
         return error(400, message, "invalid_request_error")
+    state.remember(body)
     refusal = _refusal(state, chat)
     if refusal is not None:
         return refusal
@@ -184,11 +186,11 @@ async def _events(
         return
     schedule = _schedule(reply.pieces, config.latency_per_token_ms)
     cut = len(schedule) // 2 if broken == "truncated" else len(schedule)
-    yield chunks.delta({"role": "assistant", "content": ""})
+    yield chunks.first(reply)
     for offset_ms, text in schedule[:cut]:
         await _sleep_until(first + offset_ms / 1000)
         if text:
-            yield chunks.delta({"content": text})
+            yield chunks.piece(reply, text)
     if broken is not None:
         state.bump("malformed")
         return
@@ -241,6 +243,15 @@ def create_app(config: FakeConfig) -> FastAPI:
     async def reset_stats() -> Response:
         state.reset()
         return JSONResponse(state.snapshot())
+
+    @app.get("/debug/last")
+    async def last_body() -> Response:
+        """The last chat body received, as sent: tests check what reached the provider."""
+        return JSONResponse({"body": state.bodies[-1] if state.bodies else None})
+
+    @app.get("/debug/bodies")
+    async def bodies() -> Response:
+        return JSONResponse({"bodies": list(state.bodies)})
 
     @app.get("/config")
     async def get_config() -> Response:

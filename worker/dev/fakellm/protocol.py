@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -17,8 +18,28 @@ DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """The one tool call the fake makes: ``name`` with ``{argument: the last user message}``."""
+
+    name: str
+    argument: str
+
+    def arguments(self, prompt: str) -> str:
+        return json.dumps({self.argument: prompt}, ensure_ascii=False)
+
+    def call_id(self, model: str, prompt: str) -> str:
+        key = json.dumps([model, self.name, self.arguments(prompt)])
+        return "call_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
 class ChatRequest:
-    """What the fake needs from a chat completion request; ``texts`` holds every message."""
+    """What the fake needs from a chat completion request; ``texts`` holds every message.
+
+    ``prompt`` is the last user message: a conversation is answered from its last turn.
+    ``tool`` is set when the request offers tools and its last message is the user's (after
+    a tool result, the fake answers in text, as a model finishing the loop would).
+    """
 
     model: str
     system: str | None
@@ -28,6 +49,7 @@ class ChatRequest:
     max_tokens: int | None
     stream: bool = False
     include_usage: bool = False
+    tool: ToolCall | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +62,7 @@ class Reply:
     batched: bool = False
     layout: str | None = None  # the non-standard layout of a noisy batched reply
     dropped: bool = False
+    tool_call: dict[str, Any] | None = None  # pieces then hold the call's arguments
 
     @property
     def content(self) -> str:
@@ -78,6 +101,31 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     return int(value)
 
 
+def _tool(body: dict[str, Any], last_role: str) -> ToolCall | None:
+    """The tool the fake calls: the one ``tool_choice`` names, else the first offered."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None or choice == "none" or last_role != "user":
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise BadRequest("'tools' must be a non-empty array")
+    functions: list[dict[str, Any]] = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest("each tool must be an object with a function name")
+        functions.append(function)
+    if isinstance(choice, dict):
+        named = (choice.get("function") or {}).get("name")
+        functions = [f for f in functions if f["name"] == named] or functions
+    function = functions[0]
+    schema = function.get("parameters")
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    required = schema.get("required") if isinstance(schema, dict) else None
+    names = list(required or []) + list(props or {})
+    return ToolCall(function["name"], str(names[0]) if names else "query")
+
+
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage), validated the way OpenAI does."""
     stream = body.get("stream")
@@ -110,6 +158,7 @@ def parse_chat(body: object) -> ChatRequest:
         raise BadRequest("'messages' must contain a user message")
     systems = [text for role, text in messages if role in ("system", "developer")]
     texts = tuple(text for _, text in messages)
+    tool = _tool(body, messages[-1][0])
     return ChatRequest(
         model=model,
         system="\n\n".join(systems) or None,
@@ -119,6 +168,7 @@ def parse_chat(body: object) -> ChatRequest:
         max_tokens=_max_tokens(body),
         stream=stream,
         include_usage=include_usage,
+        tool=tool,
     )
 
 
@@ -138,7 +188,15 @@ def _completion_id() -> str:
 
 
 def completion_body(chat: ChatRequest, reply: Reply) -> dict[str, Any]:
-    message = {"role": "assistant", "content": reply.content}
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.tool_call is not None:
+        call = reply.tool_call
+        function = {"name": call["function"]["name"], "arguments": reply.content}
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{**call, "function": function}],
+        }
     return {
         "id": _completion_id(),
         "object": "chat.completion",
@@ -184,9 +242,23 @@ class Chunks:
             chunk["usage"] = None  # as OpenAI: null on every chunk but the last
         return chunk
 
-    def delta(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return event(self._chunk([choice]))
+
+    def first(self, reply: Reply) -> bytes:
+        """The opening chunk: the role, and for a tool call its id and name."""
+        if reply.tool_call is None:
+            return self.delta({"role": "assistant", "content": ""})
+        call = {**reply.tool_call, "index": 0}
+        call["function"] = {**call["function"], "arguments": ""}
+        return self.delta({"role": "assistant", "content": None, "tool_calls": [call]})
+
+    def piece(self, reply: Reply, text: str) -> bytes:
+        """One piece of the reply: content, or a tool call's arguments."""
+        if reply.tool_call is None:
+            return self.delta({"content": text})
+        return self.delta({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
 
     def usage(self, reply: Reply) -> bytes:
         """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""

@@ -154,6 +154,14 @@ def _truncated(text: str, max_tokens: int | None) -> tuple[tuple[str, ...], str]
 
 def build_reply(rng: random.Random, config: FakeConfig, chat: ChatRequest) -> Reply:
     """The completion for ``chat``; all random choices happen here, before any await."""
+    if chat.tool is not None:
+        arguments = chat.tool.arguments(chat.prompt)
+        call = {
+            "id": chat.tool.call_id(chat.model, chat.prompt),
+            "type": "function",
+            "function": {"name": chat.tool.name},
+        }
+        return Reply(tuple(token_pieces(arguments)), "tool_calls", tool_call=call)
     batch = split_batch(chat.prompt)
     if batch is None:
         answer = expected_answer(chat.model, chat.system, chat.prompt)

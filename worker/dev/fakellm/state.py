@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import random
@@ -12,6 +13,8 @@ from typing import Any
 
 from .config import FakeConfig
 from .protocol import ChatRequest, Reply
+
+BODIES_KEPT = 50
 
 
 class TokenBucket:
@@ -109,6 +112,7 @@ class Stats:
     bad_requests: int = 0
     noisy: int = 0
     dropped: int = 0
+    tool_calls: int = 0  # replies that call a tool
     calls_by_model: dict[str, int] = field(default_factory=dict)
     batch_sizes: dict[str, int] = field(default_factory=dict)
     layouts: dict[str, int] = field(default_factory=dict)
@@ -127,6 +131,11 @@ class State:
         self.stats = Stats()
         self.gate = Gate(config.max_concurrency)
         self.bucket = TokenBucket(config.rate_limit)
+        # The last chat bodies received (GET /debug/last), for tests of what reached us.
+        self.bodies: collections.deque[Any] = collections.deque(maxlen=BODIES_KEPT)
+
+    def remember(self, body: Any) -> None:
+        self.bodies.append(body)
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
         """Apply ``changes``; a new seed restarts the random sequence, a new rate refills."""
@@ -151,6 +160,7 @@ class State:
         stats.prompt_tokens += chat.prompt_tokens
         stats.completion_tokens += reply.completion_tokens
         stats.dropped += reply.dropped
+        stats.tool_calls += reply.tool_call is not None
         _count(stats.calls_by_model, chat.model)
         if reply.batched:
             stats.batched_calls += 1
@@ -174,4 +184,5 @@ class State:
 
     def reset(self) -> None:
         self.stats = Stats()
+        self.bodies.clear()
         self.gate.max_in_flight = self.gate.in_flight
