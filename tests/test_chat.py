@@ -563,6 +563,9 @@ def test_batch_eligible_chats_are_batched_by_their_params(stack: Stack) -> None:
     for (_, top_p), answer in zip(jobs, answers, strict=True):
         by_batch.setdefault(answer.batch_id, set()).add(top_p)
     assert len(by_batch) == 2 and all(len(p) == 1 for p in by_batch.values())
+    # ... and each batched call carries its group's top_p (the last calls the fake received).
+    sent = stack.fake_get("/debug/bodies")["bodies"][-2:]
+    assert sorted(body.get("top_p", 0) for body in sent) == [0.5, 0.9]
 
 
 @pytest.mark.integration

@@ -123,3 +123,24 @@ def test_an_upstream_that_does_not_stream_still_answers(
         prompts = [p + " (again)" for p in prompts]
     stats = httpx.get(fake.url.removesuffix("/v1") + "/stats").json()
     assert stats["streamed_calls"] == 0
+
+
+def test_a_passthrough_result_shows_no_message_text_or_tool_arguments() -> None:
+    """Flower's view of a passthrough answer: its shape, not the reply or the call's arguments."""
+    from worker.app import _result_repr
+
+    secret = "refund order 4417 to card ending 9921"
+    answer = {
+        "text": secret,
+        "source": "passthrough",
+        "cost_usd": 0.0001,
+        "message": {
+            "role": "assistant",
+            "content": secret,
+            "tool_calls": [{"function": {"name": "refund", "arguments": f'{{"q": "{secret}"}}'}}],
+        },
+        "finish_reason": "tool_calls",
+    }
+    shown = _result_repr(answer)
+    assert "4417" not in shown and "9921" not in shown
+    assert "'source': 'passthrough'" in shown and "1 tool calls" in shown

@@ -186,6 +186,7 @@ class Sender:
             messages=messages,
             temperature=first.temperature,
             max_tokens=max_tokens,
+            params=first.params,
             deadline=deadline,
             on_text=lambda delta: self._on_text(run, first, delta),
         )
