@@ -7,6 +7,7 @@ because a task mostly waits for its batch: one slot per request in flight.
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -143,6 +144,9 @@ def _warm_up(**_: Any) -> None:
 
     pipeline = get_pipeline(settings)
     count_tokens("warm up")
+    # What start-up built lives as long as the process: keep the collector from walking it
+    # on every full collection (about 5% of a busy worker's CPU here).
+    gc.freeze()
     inbox = pipeline.inbox
     Reaper(
         pipeline.redis, app, settings, worker_id=inbox.worker_id, running=inbox.running_tasks
