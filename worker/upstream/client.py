@@ -352,15 +352,20 @@ class Upstream:
         return httpx.Timeout(limit, connect=min(5.0, limit))
 
     async def _post_once(
-        self, payload: dict[str, Any], model: str, deadline: float | None
+        self,
+        payload: dict[str, Any],
+        model: str,
+        deadline: float | None,
+        read: Callable[[httpx.Response, str], Completion | Failure] | None = None,
     ) -> Completion | Failure:
+        """One plain POST; ``read`` turns the response into an outcome (default: ``_classify``)."""
         try:
             response = await self._client.post(
                 self._url, json=payload, timeout=self._try_timeout(deadline)
             )
         except httpx.HTTPError as exc:
             return self._transport_failure(exc)
-        return self._classify(response, model)
+        return (read or self._classify)(response, model)
 
     async def _stream_once(
         self,
@@ -490,7 +495,7 @@ class Upstream:
         """One completion for ``body`` exactly as given, retried like ``chat``; whole reply kept."""
         model = str(body.get("model", ""))
         completion = await self._retrying(
-            lambda: self._post_raw_once(body, model, deadline), deadline
+            lambda: self._post_once(body, model, deadline, self._raw_outcome), deadline
         )
         assert isinstance(completion, RawCompletion)
         return completion
@@ -541,17 +546,6 @@ class Upstream:
         for chunk in chunks_from_completion(completion.body):
             on_chunk(chunk)
         return completion
-
-    async def _post_raw_once(
-        self, body: dict[str, Any], model: str, deadline: float | None
-    ) -> Completion | Failure:
-        try:
-            response = await self._client.post(
-                self._url, json=body, timeout=self._try_timeout(deadline)
-            )
-        except httpx.HTTPError as exc:
-            return self._transport_failure(exc)
-        return self._raw_outcome(response, model)
 
     def _raw_outcome(self, response: httpx.Response, model: str) -> Completion | Failure:
         if 200 <= response.status_code < 300:
