@@ -1,9 +1,11 @@
 """What an app imports to use coalesce: the client, its records and its errors."""
 
 from ._async_client import AsyncClient, AsyncTicket
+from ._cache_admin import CacheStats
 from ._client import Client, Ticket, build_request
 from ._exceptions import (
     BrokerUnavailable,
+    BudgetExceeded,
     CoalesceError,
     ConfigError,
     InvalidRequest,
@@ -16,7 +18,7 @@ from ._exceptions import (
     UpstreamTimeout,
 )
 from ._keys import request_key
-from ._models import Answer, Request, Source
+from ._models import Answer, CacheControl, Request, Source
 from ._settings import Settings, get_settings, load_settings
 from ._validate import validate_request
 
@@ -25,6 +27,9 @@ __all__ = [
     "AsyncClient",
     "AsyncTicket",
     "BrokerUnavailable",
+    "BudgetExceeded",
+    "CacheControl",
+    "CacheStats",
     "Client",
     "CoalesceError",
     "ConfigError",

@@ -13,10 +13,11 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
+from ._cache_admin import CacheStats
 from ._core import Core, classify
 from ._exceptions import RequestTimeout
 from ._listener import Outcome, Signal
-from ._models import Answer, Request
+from ._models import Answer, CacheOption, Request
 from ._relay import RelayItem, chunk_key, decode
 from ._settings import Settings, get_settings
 
@@ -179,6 +180,8 @@ class AsyncClient:
         temperature: float = 0.0,
         max_tokens: int | None = None,
         tenant: str | None = None,
+        cache: CacheOption = None,
+        tags: Mapping[str, str] | None = None,
     ) -> AsyncTicket:
         """Enqueue one prompt; InvalidRequest (a ValueError) for bad input, before enqueueing.
 
@@ -191,6 +194,8 @@ class AsyncClient:
             temperature=temperature,
             max_tokens=max_tokens,
             tenant=tenant,
+            cache=cache,
+            tags=tags,
         )
         return (await self._send([request]))[0]
 
@@ -201,6 +206,8 @@ class AsyncClient:
         model: str,
         tenant: str | None = None,
         stream: bool = False,
+        cache: CacheOption = None,
+        tags: Mapping[str, str] | None = None,
         **params: Any,
     ) -> AsyncTicket:
         """Enqueue an OpenAI-shaped conversation; ``params`` are the other body fields.
@@ -210,12 +217,22 @@ class AsyncClient:
         """
         if stream:
             params = {**params, "stream": True}
-        request = self._core.chat_request(messages, model, tenant, params)
+        request = self._core.chat_request(messages, model, tenant, params, cache, tags)
         return (await self._send([request]))[0]
 
     async def submit_many(self, items: Iterable[Request | Mapping[str, Any]]) -> list[AsyncTicket]:
         """Validate every item first, so one bad item enqueues nothing; then enqueue all."""
         return await self._send(self._core.requests(items))
+
+    async def cache_stats(
+        self, *, tenant: str | None = None, namespace: str | None = None
+    ) -> CacheStats:
+        """Cache entries (of one tenant or namespace if given), hits, misses and cost saved."""
+        return await self._core.cache_stats(tenant, namespace)
+
+    async def clear_cache(self, *, tenant: str | None = None, namespace: str | None = None) -> int:
+        """Drop cached answers (all, or one tenant's and/or one namespace's); returns how many."""
+        return await self._core.clear_cache(tenant, namespace)
 
     def ticket(self, task_id: str) -> AsyncTicket:
         """A handle on a request submitted earlier (for example by another process)."""

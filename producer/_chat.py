@@ -23,7 +23,7 @@ from ._settings import Settings
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SYSTEM_ROLES = frozenset({"system", "developer"})
 # Request fields that are not OpenAI body fields: they never reach ``params``.
-OWN_FIELDS = frozenset({"messages", "model", "tenant", "stream"})
+OWN_FIELDS = frozenset({"messages", "model", "tenant", "stream", "cache", "tags"})
 # Answer-changing parameters a batched call can carry for all of its requests (group key).
 BATCH_PARAMS = ("top_p", "seed", "presence_penalty", "frequency_penalty")
 _PARAM_DEFAULTS: dict[str, float] = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}

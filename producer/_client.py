@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ._cache_admin import CacheStats
 from ._core import (
     CONNECT_TIMEOUT_S,
     RETRY_CAP_S,
@@ -27,7 +28,7 @@ from ._core import (
     send_request,
 )
 from ._listener import POLL_CAP_S, REREAD_S
-from ._models import Answer, Request
+from ._models import Answer, CacheOption, Request
 from ._settings import Settings, get_settings
 from ._validate import validate_request
 
@@ -121,6 +122,8 @@ class Client:
         temperature: float = 0.0,
         max_tokens: int | None = None,
         tenant: str | None = None,
+        cache: CacheOption = None,
+        tags: Mapping[str, str] | None = None,
     ) -> Ticket:
         """Enqueue one prompt; InvalidRequest (a ValueError) for bad input, before enqueueing.
 
@@ -133,6 +136,8 @@ class Client:
             temperature=temperature,
             max_tokens=max_tokens,
             tenant=tenant,
+            cache=cache,
+            tags=tags,
         )
         return self._send([request])[0]
 
@@ -142,15 +147,26 @@ class Client:
         *,
         model: str,
         tenant: str | None = None,
+        cache: CacheOption = None,
+        tags: Mapping[str, str] | None = None,
         **params: Any,
     ) -> Ticket:
         """Enqueue an OpenAI-shaped conversation; ``params`` are the other body fields
         (temperature, tools, response_format, ...), sent on as given."""
-        return self._send([self._core.chat_request(messages, model, tenant, params)])[0]
+        request = self._core.chat_request(messages, model, tenant, params, cache, tags)
+        return self._send([request])[0]
 
     def submit_many(self, items: Iterable[Request | Mapping[str, Any]]) -> list[Ticket]:
         """Validate every item first, so one bad item enqueues nothing; then enqueue all."""
         return self._send(self._core.requests(items))
+
+    def cache_stats(self, *, tenant: str | None = None, namespace: str | None = None) -> CacheStats:
+        """Cache entries (of one tenant or namespace if given), hits, misses and cost saved."""
+        return self._call(self._core.cache_stats(tenant, namespace))
+
+    def clear_cache(self, *, tenant: str | None = None, namespace: str | None = None) -> int:
+        """Drop cached answers (all, or one tenant's and/or one namespace's); returns how many."""
+        return self._call(self._core.clear_cache(tenant, namespace))
 
     def ticket(self, task_id: str) -> Ticket:
         """A handle on a request submitted earlier (for example by another process)."""

@@ -38,10 +38,12 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from . import _pending
+from ._budget import Budgets
+from ._cache_admin import CacheStats, clear_cache, read_cache_stats
 from ._celeryconf import TASK_NAME, celery_config
 from ._exceptions import BrokerUnavailable, InvalidRequest, RequestFailed, RequestTimeout
 from ._listener import Listener, Outcome
-from ._models import Answer, Request
+from ._models import Answer, CacheOption, Request
 from ._settings import Settings
 from ._validate import validate_request
 
@@ -298,6 +300,7 @@ class Core:
         self._pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="coalesce-publish")
         self._breaker = _Breaker()
         self._listener: Listener | None = None
+        self._budgets = Budgets.from_settings(settings, self._redis)  # None without rules
 
     # --- validation (the same for both clients) ------------------------------------------------
 
@@ -306,10 +309,20 @@ class Core:
         return validate_request(self.settings, {"prompt": prompt, **fields})
 
     def chat_request(
-        self, messages: Any, model: str, tenant: str | None, params: Mapping[str, Any]
+        self,
+        messages: Any,
+        model: str,
+        tenant: str | None,
+        params: Mapping[str, Any],
+        cache: CacheOption = None,
+        tags: Mapping[str, str] | None = None,
     ) -> Request:
         """An OpenAI-shaped chat request; every other body field is passed on as given."""
         fields = {**params, "messages": messages, "model": model, "tenant": tenant}
+        if cache is not None:
+            fields["cache"] = cache
+        if tags is not None:
+            fields["tags"] = tags
         return validate_request(self.settings, fields)
 
     def requests(self, items: Iterable[Request | Mapping[str, Any]]) -> list[Request]:
@@ -329,17 +342,23 @@ class Core:
         items = [(str(uuid.uuid4()), request.model_dump()) for request in requests]
         ids = [task_id for task_id, _ in items]
         budget = OutageBudget(self.settings)
+        spend = self._budgets
+        if spend is not None:  # spend held first: a request over a hard budget is never enqueued
+            hold = functools.partial(spend.reserve_requests, list(zip(ids, requests, strict=True)))
+            await budget.run(functools.partial(self._blocking, self._breaker.attempt, hold))
         # Recorded first, so the reaper can re-send a request whose message is lost (_pending).
         record = functools.partial(_pending.record_many, self._redis, items)
-        await budget.run(functools.partial(self._blocking, self._breaker.attempt, record))
         sent = 0
         try:
+            await budget.run(functools.partial(self._blocking, self._breaker.attempt, record))
             while sent < len(items):
                 sent, problem = await self._blocking(self._publish_from, items, sent)
                 if problem is not None:
                     await budget.failed(problem, tuple(ids[:sent]))
         except BrokerUnavailable:
             await self._blocking(self._forget_pending, ids[sent:])
+            if spend is not None:
+                await self._blocking(spend.release_quietly, ids[sent:], self._breaker.attempt)
             raise
         return ids
 
@@ -371,6 +390,16 @@ class Core:
 
     async def _blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
+
+    # --- the caches ----------------------------------------------------------------------------
+
+    async def cache_stats(self, tenant: str | None, namespace: str | None) -> CacheStats:
+        call = functools.partial(read_cache_stats, self._redis, tenant=tenant, namespace=namespace)
+        return await OutageBudget(self.settings).run(lambda: self._blocking(call))
+
+    async def clear_cache(self, tenant: str | None, namespace: str | None) -> int:
+        call = functools.partial(clear_cache, self._redis, tenant=tenant, namespace=namespace)
+        return await OutageBudget(self.settings).run(lambda: self._blocking(call))
 
     # --- waiting -------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ CoalesceError
 ├── ConfigError            a setting is missing or invalid (raised at start-up)
 ├── InvalidRequest         bad input, raised before anything is enqueued (also a ValueError)
 ├── BrokerUnavailable      Redis did not answer a submit within COALESCE_SUBMIT_RETRY_S
+├── BudgetExceeded         a hard budget (COALESCE_BUDGETS) refused the request; nothing enqueued
 ├── RequestFailed          the worker gave up on a request; the message says why
 │   └── RequestTimeout     no answer arrived within the caller's timeout
 └── UpstreamError          the model API failed after bounded retries
@@ -109,3 +110,24 @@ class BrokerUnavailable(CoalesceError):
 
     def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...]]]:
         return (type(self), (str(self), self.enqueued))
+
+
+class BudgetExceeded(CoalesceError):
+    """A hard budget rule refused the request before it was enqueued (nothing was sent).
+
+    The message names the scope, the period and when it resets, e.g. "budget exceeded: tenant
+    acme spent $10.02 of its $10.00 daily hard limit; resets at 00:00 UTC". ``scope`` is the
+    rule's scope (``"tenant:acme"``), ``period`` ``"day"`` or ``"month"``, and ``resets_at``
+    the epoch second the period ends (the API's Retry-After).
+    """
+
+    def __init__(
+        self, message: str, scope: str = "", period: str = "", resets_at: float = 0.0
+    ) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.period = period
+        self.resets_at = resets_at
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, float]]:
+        return (type(self), (str(self), self.scope, self.period, self.resets_at))

@@ -17,6 +17,11 @@ from typing import Any
 from ._models import Request
 
 KEY_VERSION = 1
+STATS_KEY = "coalesce:stats"  # per-model counters (worker.shared.stats)
+DEDUP_PREFIX = "coalesce:dd:"
+EXACT_PREFIX = "coalesce:cx:"  # + "<ht>.<hn>.<request key>": exact cache entries
+SEMANTIC_PREFIX = "coalesce:cs:e:"  # + "<ht>.<hn>.<context hash>:<id>": semantic entries
+DEFAULT_NAMESPACE = "default"
 NON_KEY_PARAMS = frozenset({"stream", "stream_options", "user", "metadata"})
 
 
@@ -76,3 +81,12 @@ def request_key(request: Request) -> str:
     """A hex digest that identical requests share and nothing else does."""
     blob = json.dumps(canonical_fields(request), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def partition(tenant: str | None, namespace: str | None) -> str:
+    """``<ht>.<hn>``: where one tenant's namespace of the caches starts (hashes, never names)."""
+    return f"{short_hash(tenant or '')}.{short_hash(namespace or DEFAULT_NAMESPACE)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import (
@@ -15,7 +16,33 @@ from pydantic import (
     model_validator,
 )
 
-Source = Literal["batched", "single", "dedup", "cache", "passthrough"]
+Source = Literal["batched", "single", "dedup", "cache", "semantic", "passthrough"]
+CACHE_FLAGS = ("no_cache", "no_store", "sensitive", "sampled")
+
+
+class CacheControl(BaseModel):
+    """How one request may use the caches (``cache=`` on submit and chat, or over HTTP).
+
+    ``no_cache``: do not serve a stored answer; ``no_store``: do not store this answer;
+    ``sensitive``: keep it out of every cache (dedup's short answer record included);
+    ``sampled``: cache even though temperature is above 0 (off by default: a sampled answer
+    is one of many); ``ttl``: seconds to keep this answer (capped by COALESCE_CACHE_MAX_TTL_S);
+    ``namespace``: a partition of the cache, cleared on its own.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespace: StrictStr = Field("default", min_length=1, max_length=100)
+    ttl: StrictInt | None = Field(None, ge=1, le=10 * 365 * 86_400)
+    no_cache: StrictBool = False
+    no_store: StrictBool = False
+    sensitive: StrictBool = False
+    sampled: StrictBool = False
+
+
+# What ``cache=`` accepts: the record, its fields as a mapping, or shorthand flags
+# ("no_cache", "no_store,sensitive"); None means the defaults.
+CacheOption = CacheControl | Mapping[str, Any] | str | None
 
 
 class Request(BaseModel):
@@ -39,6 +66,8 @@ class Request(BaseModel):
     messages: list[dict[str, Any]] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     stream: StrictBool = False
+    cache: CacheControl | None = None
+    tags: dict[StrictStr, StrictStr] | None = None  # for the ledger: {"feature": "faq", ...}
 
     @model_validator(mode="after")
     def _one_form(self) -> Request:
@@ -77,7 +106,8 @@ class Answer(BaseModel):
 
     ``text`` is the assistant's content ("" when a passthrough reply holds only tool calls);
     ``message`` is the assistant message as the upstream returned it (passthrough only), and
-    ``finish_reason`` the upstream's (batched answers are complete, so ``"stop"``).
+    ``finish_reason`` the upstream's (batched answers are complete, so ``"stop"``). A cache
+    hit (``source`` ``"cache"`` or ``"semantic"``) costs nothing, so its tokens and cost are 0.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -89,6 +119,8 @@ class Answer(BaseModel):
     batch_size: int = 1
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cached_tokens: int = 0  # of prompt_tokens, served from the provider's prompt cache
+    cost_usd: float | None = 0.0  # None: the model has no known price (see the ledger)
     message: dict[str, Any] | None = None
     finish_reason: str | None = "stop"
+    similarity: float | None = None  # a semantic cache hit's cosine similarity

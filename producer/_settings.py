@@ -7,25 +7,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._exceptions import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
-
-# USD per million tokens (input, output). Override or extend with COALESCE_PRICES.
-DEFAULT_PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-3.5-turbo": (0.50, 1.50),
-}
 
 
 class Settings(BaseSettings):
@@ -54,6 +43,11 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(6_000, ge=100)
     max_batch_answer_tokens: int = Field(4_000, ge=16)
     stream: bool = True
+    batch_only_if_cheaper: bool = Field(
+        False,
+        description="Ask alone the requests of a group whose full combined prompt would cost "
+        "more than separate calls (no or a short system prompt).",
+    )
     max_prompt_chars: int = Field(20_000, ge=1)
     max_system_chars: int = Field(100_000, ge=1)
     max_messages: int = Field(256, ge=1)
@@ -68,10 +62,73 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(256, ge=1)
     result_expires_s: int = Field(86_400, ge=60)
-    prices: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(
-        default_factory=lambda: dict(DEFAULT_PRICES)
-    )
     log_prompts: bool = False
+
+    # Caches (worker/cache): looked up before a request enters a window.
+    cache: bool = Field(True, description="The exact answer cache (Redis); off: dedup only.")
+    cache_ttl_s: int = Field(
+        7 * 86_400, ge=1, description="How long an answer is cached (a prompt not about 'now')."
+    )
+    cache_present_ttl_s: int = Field(
+        3_600, ge=1, description="TTL of a prompt about the present ('today', 'latest', ...)."
+    )
+    cache_max_ttl_s: int = Field(
+        14 * 86_400, ge=1, description="No cache entry outlives this, a request's own ttl included."
+    )
+    semantic_cache: bool = Field(
+        False, description="Serve answers of similar questions (guarded); see the README."
+    )
+    semantic_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="Least cosine similarity of a semantic hit."
+    )
+    semantic_max_entries: int = Field(
+        100_000, ge=1, description="Semantic entries kept (oldest dropped first)."
+    )
+    embedder: str = Field(
+        "hashing", description="Semantic embedder: 'hashing' (no model), 'local' or 'openai'."
+    )
+    embeddings_url: str | None = Field(
+        None, description="The /v1 base URL of an OpenAI-compatible embeddings endpoint."
+    )
+    embeddings_model: str = Field(
+        "text-embedding-3-small", description="The model asked for embeddings ('openai' only)."
+    )
+    embeddings_api_key: SecretStr | None = Field(
+        None, description="API key of the embeddings endpoint (default: the upstream's)."
+    )
+    similarity_grouping: bool = Field(
+        False, description="Split a window's requests into prompts of similar questions."
+    )
+
+    # The cost ledger (worker/ledger) and its reports.
+    prices_file: str | None = Field(
+        None,
+        description="JSON or TOML {model: {input, output, cached_input}} in USD per million "
+        "tokens, over genai-prices' table.",
+    )
+    ledger: bool = Field(True, description="Record every call and request in the ledger.")
+    ledger_raw_ttl_s: int = Field(
+        7 * 86_400, ge=3_600, description="How long raw call and request rows are kept."
+    )
+    ledger_rollup_ttl_s: int = Field(
+        90 * 86_400, ge=86_400, description="How long hourly rollups are kept."
+    )
+    ledger_daily_ttl_s: int = Field(
+        400 * 86_400, ge=86_400, description="How long daily rollups are kept."
+    )
+    daily_report_path: str | None = Field(
+        None, description="Where the daily job writes yesterday's report ('{date}' allowed)."
+    )
+    daily_report_webhook: str | None = Field(
+        None, description="A URL the daily job POSTs yesterday's report (JSON) to."
+    )
+    # Budgets (producer/_budget.py): checked when a request is accepted.
+    budgets: str = Field(
+        "", description="Budget rules as JSON, or '@path' to a JSON file (see the README)."
+    )
+    budget_webhook: str | None = Field(
+        None, description="A URL called once per period when a soft limit is crossed."
+    )
 
     # ``coalesce api``: the OpenAI-compatible HTTP server (producer/api).
     api_keys: SecretStr | None = Field(
@@ -110,22 +167,6 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
-
-    @field_validator("prices", mode="before")
-    @classmethod
-    def _parse_prices(cls, value: object) -> object:
-        """Accept JSON like ``{"my-model": [0.2, 0.8]}``, merged over the defaults."""
-        if isinstance(value, str):
-            import json
-
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc.msg})") from None
-            if not isinstance(value, dict):
-                raise ValueError('must be a JSON object like {"model": [input, output]}')
-            return {**DEFAULT_PRICES, **value}
-        return value
 
     def check_worker(self) -> None:
         """Cross-field rules a worker needs; named so the user knows what to change."""

@@ -30,8 +30,9 @@ from ._chat import (
     unencodable,
 )
 from ._exceptions import InvalidRequest
-from ._models import Request
+from ._models import CACHE_FLAGS, CacheControl, Request
 from ._settings import Settings
+from ._tags import check_tags
 
 FIELDS: tuple[str, ...] = tuple(Request.model_fields)
 MAX_NAME_CHARS = 200  # model and tenant; the same bound as the Request model's
@@ -49,6 +50,8 @@ def validate_request(settings: Settings, data: Request | Mapping[str, Any] | obj
         fields = {**data}
     else:
         raise InvalidRequest(f"invalid request: request must be an object, not {_kind(data)}")
+    if "cache" in fields:
+        fields["cache"] = cache_fields(fields["cache"])
     if _is_chat(fields):
         request = _chat_request(settings, fields)
     else:
@@ -157,6 +160,48 @@ def _params(settings: Settings, value: object) -> str | None:
     return problems[0] if problems else None
 
 
+def cache_fields(value: object) -> object:
+    """``cache=`` as the Request model holds it: a shorthand string becomes its fields.
+
+    ``"no_cache"``, ``"no_store"``, ``"sensitive"`` and ``"sampled"`` may be combined with
+    commas; anything that is not a shorthand is returned as it came, for :func:`_cache` to judge.
+    """
+    if isinstance(value, CacheControl):
+        return value.model_dump(exclude_defaults=True)
+    if isinstance(value, str):
+        flags = [flag.strip() for flag in value.split(",") if flag.strip()]
+        if flags and all(flag in CACHE_FLAGS for flag in flags):
+            return dict.fromkeys(flags, True)
+    return value
+
+
+def _cache(settings: Settings, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return f"must be one or more of {', '.join(CACHE_FLAGS)} (comma-separated), or an object"
+    if not isinstance(value, Mapping):
+        return f"must be an object or a string, not {_kind(value)}"
+    try:
+        CacheControl.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(CacheControl.model_fields)
+            return f"{_field_name(where)}: unknown field (known: {known})"
+        return f"{where}: {err['msg'].lower()}"
+    return None
+
+
+def _tags(settings: Settings, value: object) -> str | None:
+    try:
+        check_tags(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _stream(settings: Settings, value: object) -> str | None:
     if value is None or isinstance(value, bool):
         return None
@@ -202,6 +247,8 @@ _CHECKS: dict[str, _Check] = {
     "messages": _messages,
     "params": _params,
     "stream": _stream,
+    "cache": _cache,
+    "tags": _tags,
 }
 _REQUIRED = frozenset({"prompt", "model"})
 
@@ -212,7 +259,7 @@ _REQUIRED = frozenset({"prompt", "model"})
 def _chat_request(settings: Settings, fields: dict[Any, object]) -> Request:
     """A chat body (or a dumped chat Request) as a Request: batched form when it may be."""
     body, problems = _from_dump(fields) if "params" in fields else (fields, [])
-    for name in ("model", "tenant", "stream"):
+    for name in ("model", "tenant", "stream", "cache", "tags"):
         problem = _CHECKS[name](settings, body[name]) if name in body else None
         if name == "model" and name not in body:
             problem = "is required"
@@ -234,6 +281,8 @@ def _chat_request(settings: Settings, fields: dict[Any, object]) -> Request:
         "model": body["model"],
         "tenant": body.get("tenant"),
         "stream": bool(body.get("stream")),
+        "cache": body.get("cache"),
+        "tags": body.get("tags") or None,
     }
     eligible = batchable(messages, params)
     if eligible is not None:

@@ -62,11 +62,17 @@ class StubClient:
         model: str,
         tenant: str | None = None,
         stream: bool = False,
+        cache: Any = None,
+        tags: Any = None,
         **params: Any,
     ) -> StubTicket:
         fields = {**params, "messages": messages, "model": model, "tenant": tenant}
         if stream:
             fields["stream"] = True
+        if cache is not None:
+            fields["cache"] = cache
+        if tags is not None:
+            fields["tags"] = tags
         validate_request(self.settings, fields)
         self.calls.append(fields)
         return self.ticket(f"task-{len(self.calls)}")

@@ -7,9 +7,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from producer import Client, load_settings
 from worker.dev.procs import Proc, start_fake_llm, start_redis, start_worker, wait_for_workers
+
+# Property tests judge what is generated, not how fast: this machine is shared and noisy, so
+# Hypothesis's timing checks (per-example deadline, slow generation) would only add flakes.
+hypothesis_settings.register_profile(
+    "coalesce", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile("coalesce")
 
 # Small but realistic bounds so redelivery tests finish in seconds, not minutes.
 FAST_ENV = {

@@ -142,6 +142,35 @@ def test_multi_turn_is_answered_from_its_last_turn(stack: Stack) -> None:
     assert raw.headers["x-coalesce-source"] in ("passthrough", "dedup")
 
 
+def test_cache_controls_over_http(stack: Stack) -> None:
+    client = sync_client(stack)
+    body: Any = [{"role": "user", "content": question(700)}]
+
+    def source(**options: Any) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=body, temperature=0, **options
+        )
+        assert raw.parse().choices[0].message.content == expected_answer(MODEL, None, question(700))
+        return str(raw.headers["x-coalesce-source"])
+
+    assert source() in ("batched", "single")
+    assert source() == "cache"
+    assert source(extra_headers={"x-coalesce-cache": "no_cache"}) != "cache"
+    assert source(extra_headers={"cache-control": "no-cache"}) != "cache"
+    faq = {"coalesce": {"cache": {"namespace": "faq", "ttl": 600}}}
+    assert source(extra_body=faq) != "cache"
+    assert source(extra_body=faq) == "cache"
+    assert source(extra_headers={"x-coalesce-cache-namespace": "faq"}) == "cache"
+    sampled: Any = [{"role": "user", "content": question(701)}]
+    for _ in range(2):  # temperature 1 (the default): never cached unless asked
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=sampled)
+        assert raw.headers["x-coalesce-source"] != "cache"
+    with pytest.raises(openai.BadRequestError, match="x-coalesce-cache"):
+        client.chat.completions.create(
+            model=MODEL, messages=body, extra_headers={"x-coalesce-cache": "forever"}
+        )
+
+
 def test_tools_return_the_models_tool_calls(stack: Stack) -> None:
     tools: Any = [
         {

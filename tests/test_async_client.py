@@ -221,7 +221,9 @@ async def test_a_passthrough_stream_yields_its_chunks_in_order(
     fake = fake_llm(latency_per_token_ms=3)
     workers(worker_env(fake.url))
     last = "and when does parcel 99 arrive?"
-    ticket = await client.chat(conversation(last), model=MODEL, stream=True, temperature=0.3)
+    ticket = await client.chat(
+        conversation(last), model=MODEL, stream=True, temperature=0.3, cache="sampled"
+    )
     chunks = await asyncio.wait_for(_collect(ticket.chunks(timeout=30)), 30)
     answer = await ticket.get(timeout=5)
     text = "".join(
@@ -232,10 +234,14 @@ async def test_a_passthrough_stream_yields_its_chunks_in_order(
     stored = redis.Redis.from_url(redis_url).lrange(chunk_key(ticket.id), 0, -1)
     assert [c for c in map(_relay_chunk, stored) if c is not None] == chunks  # all, in order
 
-    # An identical request meanwhile is a dedup follower: no stream of its own, the answer.
-    again = await client.chat(conversation(last), model=MODEL, stream=True, temperature=0.3)
+    # An identical request later is a cache hit (opted in, as its temperature is above 0):
+    # no stream of its own, the answer.
+    again = await client.chat(
+        conversation(last), model=MODEL, stream=True, temperature=0.3, cache="sampled"
+    )
     assert await _collect(again.chunks(timeout=10)) == []
-    assert (await again.get(timeout=5)).text == answer.text
+    hit = await again.get(timeout=5)
+    assert hit.text == answer.text and hit.source == "cache"
 
 
 def _relay_chunk(raw: bytes | str) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from producer._relay import RelayItem, chunk_key, decode, encode_chunk, encode_d
 from worker.batching.grouping import group_key
 from worker.dev.fakellm import FakeConfig, create_app, expected_answer
 from worker.dev.procs import Proc, start_fake_llm, start_worker, wait_for_workers
+from worker.ledger.books import Books
 from worker.passthrough import answer_of, task_id_of
 from worker.upstream import Upstream, UpstreamRejected
 from worker.upstream.raw import ChunkAssembler, RawCompletion, chunks_from_completion
@@ -426,7 +427,7 @@ def test_an_answer_without_usage_is_counted_and_priced() -> None:
     request = validate(SETTINGS, chat(*conversation("Brakes?")))
     body = {"choices": [{"message": {"role": "assistant", "content": "Check the pads."}}]}
     raw = RawCompletion("Check the pads.", 0, 0, "stop", MODEL, body=body)
-    answer = answer_of(SETTINGS, request, raw)
+    answer = answer_of(Books(load_settings(ledger=False), redis.Redis()), request, raw)
     assert answer.source == "passthrough" and answer.message == body["choices"][0]["message"]
     assert answer.prompt_tokens > 10 and answer.completion_tokens == 4 and answer.cost_usd > 0
 

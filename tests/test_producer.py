@@ -131,7 +131,7 @@ def test_every_bad_field_is_named_in_one_message(settings: Settings) -> None:
         "tenant: must be a string or null, not list; "
         "stream: must be a boolean, not str; "
         "top_q: unknown field, not permitted (known fields: prompt, model, system, "
-        "temperature, max_tokens, tenant, messages, params, stream)"
+        "temperature, max_tokens, tenant, messages, params, stream, cache, tags)"
     )
 
 

@@ -16,7 +16,7 @@ import producer
 from producer import ConfigError, InvalidRequest, Request, build_request, load_settings
 from producer import request_key as key_of
 from worker.batching.grouping import group_key
-from worker.pricing import cost_usd, split_prompt, split_total
+from worker.pricing import split_prompt, split_total
 
 MODEL = "gpt-4o-mini"
 BASE: dict[str, Any] = {
@@ -211,8 +211,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
         ("COALESCE_MAX_BATCH", "257"),
         ("COALESCE_REDIS_URL", "http://x"),
         ("COALESCE_UPSTREAM_URL", "ftp://x"),
-        ("COALESCE_PRICES", "not json"),
-        ("COALESCE_PRICES", "[1, 2]"),
+        ("COALESCE_LEDGER_RAW_TTL_S", "10"),
         ("COALESCE_REQUEST_TIMEOUT_S", "-1"),
         ("COALESCE_LOG_PROMPTS", "maybe"),
     ],
@@ -237,13 +236,6 @@ def test_bad_openai_base_url_is_named_as_set(clean_env: pytest.MonkeyPatch) -> N
     clean_env.setenv("OPENAI_BASE_URL", "ftp://x")
     with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
         load_settings()
-
-
-def test_prices_json_merges_over_defaults(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("COALESCE_PRICES", '{"my-model": [0.2, 0.8]}')
-    prices = load_settings().prices
-    assert prices["my-model"] == (0.2, 0.8)
-    assert prices["gpt-4o-mini"] == (0.15, 0.60)
 
 
 def test_openai_variables_used_when_coalesce_ones_absent(clean_env: pytest.MonkeyPatch) -> None:
@@ -343,14 +335,6 @@ def test_split_prompt_charges_shared_part_evenly(shared: int, questions: list[in
 def test_split_prompt_example() -> None:
     # 30 shared tokens over three questions of 10, 20 and 40 tokens.
     assert split_prompt(100, [10, 20, 40]) == [20, 30, 50]
-
-
-def test_cost_usd_known_and_unknown_models() -> None:
-    prices = load_settings().prices
-    assert cost_usd(prices, "gpt-4o-mini", 1_000_000, 0) == pytest.approx(0.15)
-    assert cost_usd(prices, "gpt-4o-mini", 0, 1_000_000) == pytest.approx(0.60)
-    assert cost_usd(prices, "gpt-4o", 1_000, 500) == pytest.approx((1_000 * 2.5 + 500 * 10) / 1e6)
-    assert cost_usd(prices, "no-such-model", 1_000_000, 1_000_000) == 0.0
 
 
 # --- grouping ---------------------------------------------------------------------------------

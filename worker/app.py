@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 from celery.app import trace
+from celery.schedules import crontab
 
 from producer import get_settings
 from producer._celeryconf import celery_config
@@ -43,6 +44,18 @@ app.conf.update(
     task_track_started=False,
     worker_hijack_root_logger=False,
 )
+
+DAILY_REPORT_TASK = "coalesce.daily_report"
+if settings.daily_report_path or settings.daily_report_webhook:
+    # ``coalesce beat`` (celery beat) sends it; any worker runs it.
+    app.conf.beat_schedule = {
+        "daily-report": {
+            "task": DAILY_REPORT_TASK,
+            "schedule": crontab(hour=0, minute=5),
+            "options": {"queue": settings.queue},
+        }
+    }
+    app.conf.timezone = "UTC"
 
 # Celery logs a task's return value on success; ours contains the model's answer.
 trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,11 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that print figures (not part of the test run).")
 app.add_typer(bench_app, name="bench")
+cache_app = typer.Typer(help="The answer caches: how they do, and clearing them.")
+app.add_typer(cache_app, name="cache")
+
+TenantOption = Annotated[str | None, typer.Option(help="Only this tenant's entries.")]
+NamespaceOption = Annotated[str | None, typer.Option(help="Only this namespace's entries.")]
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -27,6 +33,13 @@ def worker(ctx: typer.Context) -> None:
 
     load_settings().check_worker()  # fail here, with the setting's name, not inside Celery
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-E", *ctx.args]
+    os.execv(sys.executable, argv)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def beat(ctx: typer.Context) -> None:
+    """Run the scheduler for the daily report (``celery -A worker.app beat``); one per cluster."""
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "beat", *ctx.args]
     os.execv(sys.executable, argv)
 
 
@@ -58,6 +71,12 @@ def fake_llm(
         str, typer.Option(help="Comma-separated layouts noise picks from (empty: all).")
     ] = "",
     seed: Annotated[int, typer.Option(help="Seed for the noise and error draws.")] = 0,
+    prompt_cache: Annotated[
+        bool, typer.Option(help="Report cached prompt tokens like a provider's prompt cache.")
+    ] = True,
+    prompt_cache_ttl_s: Annotated[
+        float, typer.Option(help="How long a prompt prefix stays cached.")
+    ] = 300.0,
 ) -> None:
     """Serve a deterministic OpenAI-compatible model for tests and the demo."""
     from .dev.fakellm import FakeConfig, serve
@@ -78,6 +97,8 @@ def fake_llm(
             reject_word=reject_word,
             layouts=layouts,
             seed=seed,
+            prompt_cache=prompt_cache,
+            prompt_cache_ttl_s=prompt_cache_ttl_s,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -93,6 +114,9 @@ def submit(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.0,
     max_tokens: Annotated[int | None, typer.Option(help="Answer length limit.")] = None,
     tenant: Annotated[str | None, typer.Option(help="Tenant; never batched with others.")] = None,
+    cache: Annotated[
+        str | None, typer.Option(help="Cache flags: no_cache, no_store, sensitive, sampled.")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 120.0,
 ) -> None:
     """Enqueue one prompt, wait for its answer and print it as JSON."""
@@ -106,8 +130,102 @@ def submit(
             temperature=temperature,
             max_tokens=max_tokens,
             tenant=tenant,
+            cache=cache,
         )
         typer.echo(ticket.get(timeout=timeout).model_dump_json(indent=2))
+
+
+@app.command()
+def metrics(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for /metrics.")] = 9464,
+) -> None:
+    """Serve Prometheus metrics read from the shared Redis (one exporter for all workers)."""
+    from .metrics import serve_metrics
+
+    serve_metrics(host=host, port=port)
+
+
+@app.command()
+def report(
+    since: Annotated[str, typer.Option(help="How far back: 30m, 24h, 7d, ...")] = "24h",
+    by: Annotated[
+        str | None, typer.Option(help="Break down by tenant, model, source or tag:NAME.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write a self-contained page with charts here.")
+    ] = None,
+) -> None:
+    """Billed against baseline (one call per request, no cache), saved by lever."""
+    import redis
+
+    from producer import load_settings
+
+    from .ledger.report import parse_duration, run_report
+
+    settings = load_settings()
+    try:
+        since_s = parse_duration(since)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        run_report(
+            client,
+            since_s=since_s,
+            by=by,
+            as_json=as_json,
+            html_path=str(html) if html else None,
+            out=typer.echo,
+            rollup_ttl_s=settings.ledger_rollup_ttl_s,
+        )
+    except ValueError as exc:  # a --by it does not know
+        raise typer.BadParameter(str(exc)) from None
+    except redis.RedisError as exc:
+        raise CoalesceError(f"Redis unavailable: {type(exc).__name__}") from None
+    finally:
+        client.close()
+
+
+@cache_app.command("stats")
+def cache_stats(
+    tenant: TenantOption = None,
+    namespace: NamespaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Entries, hits and misses by kind, hit rate and cost saved (counters cover every tenant)."""
+    import dataclasses
+    import json
+
+    from producer import Client
+
+    with Client() as client:
+        stats = client.cache_stats(tenant=tenant, namespace=namespace)
+    if as_json:
+        data = {**dataclasses.asdict(stats), "lookups": stats.lookups, "hit_rate": stats.hit_rate}
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"{'kind':<10}{'entries':>10}{'hits':>10}{'misses':>10}")
+    typer.echo(
+        f"{'exact':<10}{stats.exact_entries:>10}{stats.exact_hits:>10}{stats.exact_misses:>10}"
+    )
+    typer.echo(
+        f"{'semantic':<10}{stats.semantic_entries:>10}{stats.semantic_hits:>10}"
+        f"{stats.semantic_misses:>10}"
+    )
+    typer.echo(f"hit rate {stats.hit_rate:.1%} of {stats.lookups} lookups")
+    typer.echo(f"saved ${stats.saved_usd:.6f} (what the hits' answers cost when first asked)")
+
+
+@cache_app.command("clear")
+def cache_clear(tenant: TenantOption = None, namespace: NamespaceOption = None) -> None:
+    """Drop cached answers: all of them, or one tenant's and/or one namespace's."""
+    from producer import Client
+
+    with Client() as client:
+        removed = client.clear_cache(tenant=tenant, namespace=namespace)
+    typer.echo(f"removed {removed} cache entries")
 
 
 @app.command()
@@ -198,6 +316,54 @@ def bench_api(
     if min(requests, callers, waiting, workers) < 1:
         raise typer.BadParameter("requests, callers, waiting and workers must be positive")
     run_api_bench(requests=requests, callers=callers, waiting=waiting, workers=workers)
+
+
+DEFAULT_DATA = Path("../shared/data")
+
+
+@bench_app.command("cache")
+def bench_cache(
+    data: Annotated[
+        Path, typer.Option(help="The labelled datasets (QQP, Bitext, arena-hard, ...).")
+    ] = DEFAULT_DATA,
+    embedder: Annotated[
+        str | None, typer.Option(help="Only this embedder (hashing, local, openai).")
+    ] = None,
+    sizes: Annotated[str, typer.Option(help="Index sizes for lookup latency.")] = "10000,100000",
+    grouping: Annotated[bool, typer.Option(help="Also measure similarity grouping.")] = True,
+) -> None:
+    """Semantic cache precision and recall per labelled set, lookup and embedding latency, and
+    what similarity grouping changes (fallbacks, tokens, topics per prompt)."""
+    from .dev.bench.cache import run_cache_bench
+    from .dev.bench.grouping import run_grouping_bench
+
+    if not data.is_dir():
+        raise typer.BadParameter(f"{data} is not a directory (see --data)")
+    try:
+        index_sizes = tuple(int(n) for n in sizes.split(",") if n.strip())
+    except ValueError:
+        raise typer.BadParameter("sizes must be comma-separated integers") from None
+    run_cache_bench(data, embedder=embedder, sizes=index_sizes)
+    if grouping:
+        run_grouping_bench(data)
+
+
+@bench_app.command("cost")
+def bench_cost(
+    data: Annotated[Path, typer.Option(help="The datasets (Bitext, NQ).")] = DEFAULT_DATA,
+    requests: Annotated[int, typer.Option(help="Requests per variant.")] = 1500,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    rate: Annotated[float, typer.Option(help="Arrivals per second.")] = 25.0,
+) -> None:
+    """Billed against baseline and savings by lever for a realistic mixed workload, with the
+    caches on and off (and other variants), all through the whole pipeline."""
+    from .dev.bench.cost import run_cost_bench
+
+    if not data.is_dir():
+        raise typer.BadParameter(f"{data} is not a directory (see --data)")
+    if requests < 1 or workers < 1 or rate <= 0:
+        raise typer.BadParameter("requests, workers and rate must be positive")
+    run_cost_bench(data, requests=requests, workers=workers, rate=rate, out=typer.echo)
 
 
 def main() -> None:

@@ -25,22 +25,18 @@ from producer._exceptions import UpstreamRejected
 from producer._relay import CHUNK_TTL_S, chunk_key, encode_chunk, encode_done
 
 from .batching.collector import Collector
+from .batching.sender import task_id_of
 from .batching.window import Item
-from .pricing import cost_usd
+from .ledger.books import Books, Share, Usage
 from .shared.dedup import Outcome
 from .shared.redisconn import TRANSIENT
 from .shared.settle import Settlement
-from .tokens import count_tokens
+from .tokens import count_tokens, messages_tokens
 from .upstream.raw import RawCompletion
 
 log = logging.getLogger("coalesce.passthrough")
 
 SETTLE_GRACE_S = 5.0  # settling may retry Redis this long past the request's deadline
-
-
-def task_id_of(delivery: str) -> str:
-    """The task id inside a delivery id (``<task id>:<worker>:<serial>``)."""
-    return delivery.rsplit(":", 2)[0]
 
 
 class Passthrough:
@@ -56,15 +52,29 @@ class Passthrough:
     async def _send(self, item: Item) -> None:
         request = item.request
         deadline = time.monotonic() + (item.deadline - time.time())
+        books = self.collector.books
+        started = time.monotonic()
         try:
             raw = await self._ask(request, task_id_of(item.delivery), deadline)
         except Exception as exc:
             if isinstance(exc, UpstreamRejected):
                 self.collector.stats.add_soon(request.model, rejected=1)
+            books.failed(request, "passthrough", started, 1, exc)
             outcome = _failure(exc)
         else:
             self.collector.stats.add_soon(request.model, passthrough=1)
-            outcome = Outcome(answer=answer_of(self.settings, request, raw))
+            answer = answer_of(books, request, raw)
+            books.call(
+                tenant=request.tenant or "", model=request.model, kind="passthrough",
+                usage=usage_of(answer), started=started, size=1,
+            )  # fmt: skip
+            share = Share(answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens,
+                          answer.cost_usd)  # fmt: skip
+            books.answered(
+                request, task_id_of(item.delivery), "passthrough", share, raw.text,
+                alone_completion=answer.completion_tokens,
+            )  # fmt: skip
+            outcome = Outcome(answer=answer)
         settlement = Settlement(item.key, item.delivery, item.inbox, outcome)
         await self.collector.sender.settle([settlement], deadline + SETTLE_GRACE_S)
 
@@ -79,33 +89,28 @@ class Passthrough:
             await relay.close()
 
 
-def answer_of(settings: Settings, request: Request, raw: RawCompletion) -> Answer:
+def answer_of(books: Books, request: Request, raw: RawCompletion) -> Answer:
     """The Answer for a passthrough reply: the whole message, tokens billed, their cost."""
-    prompt_tokens = raw.prompt_tokens or _prompt_tokens(request.messages or [])
-    completion_tokens = raw.completion_tokens or count_tokens(raw.text)
+    usage = Usage(
+        raw.prompt_tokens or messages_tokens(request.messages or []),
+        raw.completion_tokens or count_tokens(raw.text),
+        raw.cached_tokens,
+    )
     return Answer(
         text=raw.text,
         source="passthrough",
         model=request.model,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        cost_usd=cost_usd(settings.prices, request.model, prompt_tokens, completion_tokens),
+        prompt_tokens=usage.prompt,
+        completion_tokens=usage.completion,
+        cached_tokens=usage.cached,
+        cost_usd=books.cost(request.model, usage),
         message=raw.message,
         finish_reason=raw.finish_reason,
     )
 
 
-def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """An estimate for a provider that sent no usage: message text plus OpenAI's framing."""
-    total = 3
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(
-                str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
-            )
-        total += 4 + count_tokens(content if isinstance(content, str) else "")
-    return total
+def usage_of(answer: Answer) -> Usage:
+    return Usage(answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
 
 
 def _failure(exc: BaseException) -> Outcome:

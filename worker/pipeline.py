@@ -1,7 +1,8 @@
-"""One request's path through a worker: dedup claim, shared window, wait for the inbox, answer.
+"""One request's path through a worker: caches, dedup claim, shared window, inbox, answer.
 
-Runs on a Celery task thread. The thread makes two Redis calls on the way in (the dedup claim,
-and joining the window) and then waits on a local future that the process's inbox resolves,
+Runs on a Celery task thread. The thread makes one Redis call on the way in (the exact cache,
+the dedup claim and joining the window, in one script; a semantic cache candidate adds one
+read before it) and then waits on a local future that the process's inbox resolves,
 so a waiting request holds no Redis connection. Every Redis call retries within the request's
 deadline, so a Redis restart of a few seconds costs time, not the request.
 """
@@ -21,8 +22,13 @@ from .batching.collector import Collector
 from .batching.entry import Entry
 from .batching.grouping import group_key
 from .batching.prompt import is_batch_safe
-from .batching.sender import new_batch_id
+from .batching.sender import batching_pays, new_batch_id, task_id_of
 from .batching.window import Item, Verdict
+from .cache.caches import Caches
+from .cache.policy import Plan
+from .ledger.books import NOTHING, Books
+from .ledger.budgets import BudgetKeeper
+from .metrics.encode import observe_status
 from .passthrough import Passthrough
 from .shared.dedup import Dedup, Outcome
 from .shared.inbox import Inbox
@@ -49,10 +55,13 @@ class Pipeline:
         self.dedup = Dedup(self.redis, claim_ttl_s=CLAIM_TTL_S)
         self.inbox = Inbox(settings.redis_url)
         self.inbox.start()
+        keeper = BudgetKeeper.from_settings(settings, self.redis)
+        self.books = Books(settings, self.redis, budget=keeper.hook)
         self.collector = Collector(
             settings,
             self.redis,
             self._make_upstream,
+            books=self.books,
             worker_id=self.inbox.worker_id,
             own_inbox=self.inbox.key,
             resolve=self.inbox.resolve,
@@ -60,6 +69,7 @@ class Pipeline:
         )
         self.entry = Entry(self.redis, self.collector.window, claim_ttl_ms=int(CLAIM_TTL_S * 1000))
         self.passthrough = Passthrough(settings, self.collector)
+        self.caches = Caches(settings, self.redis, self.collector.stats.add_soon)
         log.info("coalesce worker %s ready", self.inbox.worker_id)
 
     def _make_upstream(self) -> Upstream:
@@ -70,6 +80,8 @@ class Pipeline:
             timeout_s=self.settings.upstream_timeout_s,
             concurrency=self.settings.upstream_concurrency,
             retry=RetryPolicy(attempts=None),
+            # Every HTTP attempt's status, for the metrics (the stats exist once it is called).
+            observer=lambda model, status: observe_status(self.collector.stats, model, status),
         )
 
     def answer(self, request: Request, task_id: str) -> Answer:
@@ -90,6 +102,26 @@ class Pipeline:
         future: concurrent.futures.Future[Outcome],
         deadline: float,
     ) -> Answer:
+        plan = self.caches.plan(request, key)
+        hit, probe = self.caches.lookup(request, plan)
+        answer = hit or self._asked(request, key, delivery, future, deadline, plan)
+        if answer.source in ("dedup", "cache", "semantic"):
+            # Hits cost nothing; the ledger still counts them, with the baseline they saved.
+            self.books.answered(request, task_id_of(delivery), answer.source, NOTHING, answer.text)
+        elif hit is None:
+            self.caches.remember(plan, probe, answer)
+        return answer
+
+    def _asked(
+        self,
+        request: Request,
+        key: str,
+        delivery: str,
+        future: concurrent.futures.Future[Outcome],
+        deadline: float,
+        plan: Plan,
+    ) -> Answer:
+        """The answer from the exact cache, dedup, or a call (the window, single, passthrough)."""
         item = self._item(request, key, delivery, deadline)
         group = group_key(request).id
         # A question with label-like lines could move answers between requests: it goes alone.
@@ -98,8 +130,10 @@ class Pipeline:
             not request.passthrough
             and self.settings.max_batch >= 2
             and is_batch_safe(request.prompt)
+            and self._pays(request)
         )
         enqueued = False
+        looked = True  # count the exact-cache miss once, not on every look again
         while True:
             enter = functools.partial(
                 self.entry.enter,
@@ -108,10 +142,16 @@ class Pipeline:
                 request.model,
                 new_batch_id(self.inbox.worker_id),
                 join=batchable and not enqueued,
+                plan=plan,
             )
             entered = retry_sync("dedup claim and window join", enter, deadline)
             if entered.answer is not None and entered.answer.answer is not None:
+                if entered.role == "cache":
+                    return self.caches.exact_hit(request, entered.answer.answer)
                 return self._shared(request, entered.answer.answer)
+            if looked:
+                self.caches.exact_miss(request, plan)
+                looked = False
             leader = entered.role == "leader"
             if leader and not enqueued:
                 self._dispatch(item, group, request.model, entered.verdict)
@@ -122,6 +162,13 @@ class Pipeline:
             if outcome.answer is None:
                 raise _error(outcome, follower=not leader)
             return outcome.answer if leader else self._shared(request, outcome.answer)
+
+    def _pays(self, request: Request) -> bool:
+        """With COALESCE_BATCH_ONLY_IF_CHEAPER: batch only where a full batch costs less."""
+        if not self.settings.batch_only_if_cheaper:
+            return True
+        price = self.books.prices.price(request.model)
+        return batching_pays(request.system, price, self.settings.max_batch)
 
     def _item(self, request: Request, key: str, delivery: str, deadline: float) -> Item:
         return Item(
@@ -181,7 +228,13 @@ class Pipeline:
         self.collector.stats.add_soon(request.model, dedup=1)
         # This request cost nothing extra: the tokens were billed to the original.
         return original.model_copy(
-            update={"source": "dedup", "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+            update={
+                "source": "dedup",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "cached_tokens": 0,
+                "cost_usd": 0.0,
+            }
         )
 
 

@@ -1,16 +1,8 @@
-"""What a call costs, and how a batch's bill is split fairly between its requests."""
+"""How a batch's tokens are split fairly between its requests (prices: worker/ledger)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-
-def cost_usd(
-    prices: Mapping[str, tuple[float, float]], model: str, prompt: int, completion: int
-) -> float:
-    """USD for the given token counts; 0.0 for a model with no price configured."""
-    price_in, price_out = prices.get(model, (0.0, 0.0))
-    return (prompt * price_in + completion * price_out) / 1_000_000
+from collections.abc import Sequence
 
 
 def split_total(total: int, weights: Sequence[float]) -> list[int]:

@@ -12,7 +12,7 @@ from producer import Answer
 from producer._celeryconf import TASK_NAME
 from producer._validate import validate_request
 
-from .app import app, settings
+from .app import DAILY_REPORT_TASK, app, settings
 from .pipeline import get_pipeline
 
 
@@ -33,3 +33,27 @@ def ask(self: Task, payload: Any, resent: bool = False) -> dict[str, Any]:
     request = validate_request(settings, payload)
     answer: Answer = get_pipeline(settings).answer(request, self.request.id)
     return answer.model_dump()
+
+
+@app.task(name=DAILY_REPORT_TASK)
+def daily_report() -> str:
+    """Yesterday's (UTC) report to ``COALESCE_DAILY_REPORT_PATH`` and/or the webhook.
+
+    Scheduled by Celery beat (``coalesce beat``) at 00:05 UTC when either is set.
+    """
+    import redis
+
+    from .ledger.report import write_daily_report, yesterday
+
+    day = yesterday()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        write_daily_report(
+            client,
+            day=day,
+            path=settings.daily_report_path,
+            webhook=settings.daily_report_webhook,
+        )
+    finally:
+        client.close()
+    return day.isoformat()

@@ -28,3 +28,17 @@ def truncate_tokens(text: str, limit: int) -> str:
 def chat_prompt_tokens(messages: list[dict[str, str]]) -> int:
     """Prompt tokens the way OpenAI bills chat messages (content plus a small per-message frame)."""
     return sum(count_tokens(m.get("content", "")) + 4 for m in messages) + 3
+
+
+def messages_tokens(messages: list[dict[str, Any]]) -> int:
+    """Like :func:`chat_prompt_tokens` for any OpenAI messages (text parts counted, the rest not):
+    an estimate where a provider sent no usage, and a request's baseline."""
+    total = 3
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
+            )
+        total += 4 + count_tokens(content if isinstance(content, str) else "")
+    return total

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from .._exceptions import CoalesceError, RequestTimeout
 from .auth import authenticate
+from .controls import controls
 from .errors import ApiError, from_exception
 from .keys import Caller
 from .limits import PREFIX, Slot
@@ -44,7 +45,8 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "headers": {
             name: {"schema": {"type": "string"}, "description": text}
             for name, text in {
-                "x-coalesce-source": "batched, single, dedup or passthrough",
+                "x-coalesce-source": "batched, single, dedup, cache, semantic or passthrough",
+                "x-coalesce-similarity": "a semantic cache hit's similarity (only then)",
                 "x-coalesce-batch-size": "questions in the upstream call",
                 "x-coalesce-cost-usd": "this request's share of the call's cost",
                 "x-request-id": "the task id",
@@ -74,11 +76,18 @@ async def create_chat_completion(
         raise ApiError(400, "tenant: set by the API key, not by the body", param="tenant")
     messages, model = fields.pop("messages"), fields.pop("model")
     stream = bool(fields.pop("stream", None))
+    cache, tags = controls(request.headers, fields)
     include_usage = stream and bool((fields.get("stream_options") or {}).get("include_usage"))
     slot = await state.limiter.acquire(caller)
     try:
         ticket = await state.client.chat(
-            messages, model=model, tenant=caller.tenant, stream=stream, **fields
+            messages,
+            model=model,
+            tenant=caller.tenant,
+            stream=stream,
+            cache=cache,
+            tags=tags,
+            **fields,
         )
     except BaseException as exc:
         await slot.release()

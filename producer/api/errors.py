@@ -2,7 +2,8 @@
 
 Every failure leaves the API as ``{"error": {"message", "type", "param", "code"}}`` with the
 status the SDKs map (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504). Messages name the
-problem and never quote prompt text or keys.
+problem and never quote prompt text or keys. A hard budget's refusal is a 429 of its own type,
+``budget_exceeded``, which the SDKs are told not to retry.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._core import cause_chain
 from .._exceptions import (
     BrokerUnavailable,
+    BudgetExceeded,
     CoalesceError,
     InvalidRequest,
     RequestFailed,
@@ -65,6 +68,8 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        kind: str | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -72,15 +77,20 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.kind = kind  # the body's ``type`` when not the status' usual one
+        self.should_retry = should_retry  # ``x-should-retry``, which the OpenAI SDKs obey
         self.request_id: str | None = None
 
     def body(self) -> dict[str, Any]:
-        kind = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request")
+        usual = TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request")
+        kind = self.kind or usual
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         return {"error": error}
 
     def headers(self) -> dict[str, str]:
         found = {"x-request-id": self.request_id} if self.request_id else {}
+        if self.should_retry is not None:
+            found["x-should-retry"] = "true" if self.should_retry else "false"
         if self.retry_after_s is None:
             return found
         wait = max(self.retry_after_s, 0.0)
@@ -126,9 +136,25 @@ def _map_known(exc: BaseException, task_id: str | None) -> ApiError | None:
         return ApiError(503, "the queue is unavailable; try again shortly", retry_after_s=1)
     if isinstance(exc, RequestTimeout):
         return ApiError(504, timeout_message(task_id), code="timeout")
+    if isinstance(exc, BudgetExceeded):
+        return budget_error(exc)
     if isinstance(exc, UpstreamError):
         return _upstream(exc)
     return None
+
+
+def budget_error(exc: BudgetExceeded) -> ApiError:
+    """429 ``budget_exceeded`` until the period resets: Retry-After says when, and
+    ``x-should-retry: false`` keeps the SDKs from retrying into the same refusal."""
+    wait = exc.resets_at - time.time() if exc.resets_at else None
+    return ApiError(
+        429,
+        str(exc),
+        code="budget_exceeded",
+        kind="budget_exceeded",
+        retry_after_s=wait if wait is not None and wait > 0 else None,
+        should_retry=False,
+    )
 
 
 def timeout_message(task_id: str | None) -> str:

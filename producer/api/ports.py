@@ -25,6 +25,8 @@ class ChatClient(Protocol):
         model: str,
         tenant: str | None = None,
         stream: bool = False,
+        cache: Any = None,
+        tags: Any = None,
         **params: Any,
     ) -> ChatTicket: ...
 

@@ -12,6 +12,7 @@ SOURCE_HEADER = "x-coalesce-source"
 BATCH_HEADER = "x-coalesce-batch-size"
 COST_HEADER = "x-coalesce-cost-usd"
 ID_HEADER = "x-request-id"
+SIMILARITY_HEADER = "x-coalesce-similarity"
 
 
 def completion_id(task_id: str) -> str:
@@ -54,12 +55,15 @@ def completion(answer: Answer, task_id: str) -> dict[str, Any]:
 
 
 def headers(answer: Answer, task_id: str) -> dict[str, str]:
-    return {
+    out = {
         SOURCE_HEADER: answer.source,
         BATCH_HEADER: str(answer.batch_size),
         COST_HEADER: f"{answer.cost_usd:.8f}",
         ID_HEADER: task_id,
     }
+    if answer.similarity is not None:
+        out[SIMILARITY_HEADER] = f"{answer.similarity:.4f}"
+    return out
 
 
 def chunk(task_id: str, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -60,6 +60,15 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+    coalesce: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "coalesce's own controls, never sent upstream: {'cache': {'namespace': str, "
+            "'ttl': seconds, 'no_cache': bool, 'no_store': bool, 'sensitive': bool, "
+            "'sampled': bool}} (or 'cache': 'no_cache,no_store'), and 'tags': {name: value} "
+            "for the ledger and budgets."
+        ),
+    )
 
 
 class Usage(BaseModel):

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from producer import Settings
 
+from ..ledger.books import Books
 from ..shared.dedup import Outcome
 from ..shared.redisconn import RedisUnavailable, async_client, retry_async
 from ..shared.settle import Settlement, Settler
@@ -28,6 +29,7 @@ from ..shared.stats import Stats
 from ..upstream import Upstream
 from .grouping import Sizer, SizerPolicy
 from .sender import Sender, new_batch_id
+from .similar import SPLIT_FACTOR, Grouper
 from .window import LEASE_S, Item, Limits, Verdict, Window
 
 log = logging.getLogger("coalesce.collector")
@@ -40,8 +42,19 @@ def sizer_policy(settings: Settings) -> SizerPolicy:
     return SizerPolicy(max_batch=settings.max_batch)
 
 
+def split_factor(settings: Settings) -> int:
+    """How many calls' worth one claim may hold: more than one only with similarity grouping."""
+    return SPLIT_FACTOR if settings.similarity_grouping else 1
+
+
 def window_limits(settings: Settings) -> Limits:
-    return Limits(settings.window_ms, settings.max_batch_tokens, settings.max_batch_answer_tokens)
+    """A claim's budgets: one call's, times the split factor."""
+    factor = split_factor(settings)
+    return Limits(
+        settings.window_ms,
+        settings.max_batch_tokens * factor,
+        settings.max_batch_answer_tokens * factor,
+    )
 
 
 class Collector:
@@ -53,12 +66,14 @@ class Collector:
         sync_redis: redis.Redis,
         upstream_factory: Callable[[], Upstream],
         *,
+        books: Books,
         worker_id: str = "w",
         own_inbox: str = "",
         resolve: Callable[[str, Outcome], None] = lambda delivery, outcome: None,
         waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         self.worker_id = worker_id
+        self.books = books
         self._own_inbox = own_inbox
         self._resolve = resolve
         self.settings = settings
@@ -102,10 +117,24 @@ class Collector:
             resolve=self._resolve,
         )
         policy = sizer_policy(self.settings)
-        self.window = Window(self._sync_redis, self.aredis, window_limits(self.settings), policy)
+        self.window = Window(
+            self._sync_redis,
+            self.aredis,
+            window_limits(self.settings),
+            policy,
+            split_factor=split_factor(self.settings),
+        )
         sizer = Sizer(self.aredis, policy)
+        grouper = Grouper(self.settings) if self.settings.similarity_grouping else None
         self.sender = Sender(
-            self.settings, self.upstream, self.settler, sizer, self.stats, self.window
+            self.settings,
+            self.upstream,
+            self.settler,
+            sizer,
+            self.stats,
+            self.window,
+            books=self.books,
+            grouper=grouper,
         )
 
     # -- called from task threads ----------------------------------------------------------
@@ -213,7 +242,15 @@ class Collector:
     async def _send_claimed(self, verdict: Verdict, group: str, model: str) -> None:
         if verdict.left:  # the claim took a full batch; the rest waits for its own window
             self._arm(group, model, self.settings.window_ms)
-        await self.sender.send_batch(verdict.batch, verdict.items)
+        await self._send(verdict)
+
+    def _send(self, verdict: Verdict) -> Coroutine[Any, Any, None]:
+        return self.sender.send_batch(
+            verdict.batch,
+            verdict.items,
+            limit=verdict.limit,
+            answer_estimate=verdict.answer_estimate,
+        )
 
     # -- taking over from dead senders ------------------------------------------------------
     def _ensure_sweeper(self) -> None:
@@ -237,6 +274,6 @@ class Collector:
                 if verdict.action == "batch":
                     log.warning("took over batch %s from a worker that stopped", verdict.batch)
                     self.stats.add_soon(str(verdict.items[0].payload.get("model", "")), reclaimed=1)
-                    self._spawn(self.sender.send_batch(verdict.batch, verdict.items))
+                    self._spawn(self._send(verdict))
         finally:
             self._sweeping = False

@@ -5,6 +5,10 @@ complete (:class:`worker.batching.stream.SlotStream`), the rest when the reply e
 parser cannot place are asked again singly. A rejection that names the input (400 content
 filter, context length) is narrowed down by splitting the batch, so only the request at fault
 fails. Every outcome goes through one settle script, which also wakes dedup followers.
+
+With similarity grouping (:mod:`worker.batching.similar`) a claimed batch may hold several
+calls' worth; it is split into prompts of related questions, sent concurrently under the one
+lease, each settled as any batch is.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from dataclasses import dataclass, field
 from producer import Answer, Request, Settings, UpstreamError
 from producer._exceptions import UpstreamRejected, UpstreamStreamBroken
 
-from ..pricing import cost_usd, split_prompt, split_total
+from ..ledger.books import Books, Share, Usage
+from ..ledger.prices import Price
+from ..metrics.encode import observe_batch
+from ..pricing import split_prompt, split_total
 from ..shared.dedup import Outcome
 from ..shared.redisconn import TRANSIENT, RedisUnavailable, retry_async
 from ..shared.settle import Settlement, Settler
@@ -29,6 +36,7 @@ from ..tokens import chat_prompt_tokens, count_tokens
 from ..upstream import Completion, Upstream
 from .grouping import Sizer
 from .prompt import build_batch_messages, build_single_messages
+from .similar import Grouper, split_in_order
 from .stream import SlotStream
 from .window import LEASE_S, Item, Window
 
@@ -69,8 +77,13 @@ class Sender:
         sizer: Sizer,
         stats: Stats,
         window: Window,
+        *,
+        books: Books,
+        grouper: Grouper | None = None,
     ) -> None:
+        self.books = books
         self.window = window
+        self.grouper = grouper
         self.settings = settings
         self.upstream = upstream
         self.settler = settler
@@ -78,14 +91,48 @@ class Sender:
         self.stats = stats
 
     # -- entry points ----------------------------------------------------------------------
-    async def send_batch(self, batch_id: str, items: Sequence[Item]) -> None:
-        """Answer every item of a claimed batch under its lease, then release the lease."""
+    async def send_batch(
+        self, batch_id: str, items: Sequence[Item], *, limit: int = 0, answer_estimate: int = 0
+    ) -> None:
+        """Answer every item of a claimed batch under its lease, then release the lease.
+
+        ``limit`` and ``answer_estimate`` (0: unknown) come with a claim made for similarity
+        grouping: one call's item limit and expected answer tokens per request.
+        """
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(batch_id))
         try:
-            await self._ask(batch_id, list(items))
+            if self.grouper is None and len(items) <= self.settings.max_batch:
+                await self._ask(batch_id, list(items))
+            else:
+                await self._ask_split(batch_id, items, limit, answer_estimate)
         finally:
             keeper.cancel()
             await self.settle([], time.monotonic() + SETTLE_GRACE_S, release_batch=batch_id)
+
+    async def _ask_split(
+        self, batch_id: str, items: Sequence[Item], limit: int, answer_estimate: int
+    ) -> None:
+        """Several calls for one claim, the prompt with the oldest request started first.
+
+        Without a grouper this is only a batch claimed by a grouping worker and taken over by
+        one without it: split in arrival order so no call exceeds this worker's limit.
+        """
+        max_items = min(limit or self.settings.max_batch, self.settings.max_batch)
+        if self.grouper is None:
+            parts = [
+                [items[i] for i in part]
+                for part in split_in_order(
+                    [i.tokens for i in items], max_items=max_items, max_tokens=2**62
+                )
+            ]
+        else:
+            estimate = answer_estimate or self.sizer.policy.default_answer_tokens
+            parts = await self.grouper.split(items, max_items=max_items, answer_estimate=estimate)
+        if len(parts) == 1:
+            await self._ask(batch_id, parts[0])
+            return
+        log.debug("batch %s: split into %d calls", batch_id, len(parts))
+        await asyncio.gather(*(self._ask(f"{batch_id}/{n}", part) for n, part in enumerate(parts)))
 
     async def _keep_lease(self, batch_id: str) -> None:
         """Renew the lease while we work, so nobody takes over a batch that is only slow."""
@@ -96,8 +143,12 @@ class Sender:
             except TRANSIENT as exc:
                 log.warning("batch %s: lease not renewed (%s)", batch_id, type(exc).__name__)
 
-    async def send_single(self, item: Item) -> None:
+    async def send_single(self, item: Item, *, prior: Share | None = None) -> None:
+        """Ask one request alone; ``prior`` is its share of a batch that did not answer it."""
         request = item.request
+        started = time.monotonic()
+        kind = "single" if prior is None else "fallback"
+        self._observe(request.model, [item])
         try:
             completion = await self.upstream.chat(
                 model=request.model,
@@ -109,19 +160,30 @@ class Sender:
             )
         except Exception as exc:
             self._count_failure(request.model, exc)
+            self.books.failed(request, kind, started, 1, exc)
             await self._settle([(item, _failure(exc))])
             return
-        answer = self._answer(
-            request,
-            completion.text,
-            "single",
-            None,
-            1,
-            completion.prompt_tokens,
-            completion.completion_tokens,
-        )
+        usage = _usage(completion)
+        cost = self.books.call(
+            tenant=request.tenant or "", model=request.model, kind=kind, usage=usage,
+            started=started, size=1,
+        )  # fmt: skip
+        share = Share(usage.prompt, usage.completion, usage.cached, cost)
+        if prior is not None:  # a fallback's re-ask is a cost of batching, counted against it
+            share = prior.plus(share)
+        answer = self._answer(request, completion.text, "single", None, 1, share)
+        self.books.answered(
+            request, task_id_of(item.delivery), "single" if prior is None else "batched", share,
+            completion.text, alone_completion=usage.completion,
+        )  # fmt: skip
         self.stats.add_soon(request.model, singles=1)
         await self._settle([(item, Outcome(answer=answer))])
+
+    def _observe(self, model: str, items: Sequence[Item]) -> None:
+        """Batch size and each request's time since it entered (for the metrics)."""
+        # An item's deadline is its entry time plus the request timeout.
+        now = time.time() + self.settings.request_timeout_s
+        observe_batch(self.stats, model, len(items), [max(0.0, now - i.deadline) for i in items])
 
     # -- a batch ---------------------------------------------------------------------------
     async def _ask(self, batch_id: str, items: list[Item]) -> None:
@@ -142,15 +204,17 @@ class Sender:
             [],
         )
         per_answer = None if first.max_tokens is None else first.max_tokens + LABEL_TOKENS
+        started = time.monotonic()
         try:
             completion = await self._call(run, first, messages, per_answer)
         except Exception as exc:
+            self.books.failed(first, "batch", started, len(items), exc)
             await asyncio.gather(*run.pending)
             rest = [item for n, item in enumerate(items) if n not in run.released]
             await self._recover(batch_id, first.model, rest, exc)
             return
         await asyncio.gather(*run.pending)
-        await self._finish(run, first, completion)
+        await self._finish(run, first, completion, started)
 
     async def _recover(self, batch_id: str, model: str, rest: list[Item], exc: Exception) -> None:
         """The call failed for the requests not yet answered: split, re-ask singly, or fail."""
@@ -168,6 +232,7 @@ class Sender:
     async def _call(
         self, run: _Run, first: Request, messages: list[dict[str, str]], per_answer: int | None
     ) -> Completion:
+        self._observe(first.model, run.items)
         deadline = min(_monotonic(i.deadline) for i in run.items)
         max_tokens = None if per_answer is None else per_answer * len(run.items)
         if not self.settings.stream:
@@ -200,14 +265,10 @@ class Sender:
         for slot, text in ready:
             run.released.add(slot)
             item = run.items[slot]
+            # Tokens of the reply so far are not known yet: an estimate the ledger makes exact.
+            estimate = Share(run.prompt_shares[slot], count_tokens(text) + 3, 0, None)
             answer = self._answer(
-                item.request,
-                text,
-                "batched",
-                run.batch_id,
-                len(run.items),
-                run.prompt_shares[slot],
-                count_tokens(text) + 3,  # the label and line break
+                item.request, text, "batched", run.batch_id, len(run.items), estimate
             )
             settled.append((item, Outcome(answer=answer)))
         self.stats.add_soon(first.model, stream_released=len(settled))
@@ -225,7 +286,9 @@ class Sender:
         ready, run.ready = run.ready, []
         await self._settle(ready)
 
-    async def _finish(self, run: _Run, first: Request, completion: Completion) -> None:
+    async def _finish(
+        self, run: _Run, first: Request, completion: Completion, started: float
+    ) -> None:
         result = run.stream.finish()
         slots: list[str | None] = list(result.slots)
         if completion.finish_reason == "length":
@@ -234,12 +297,23 @@ class Sender:
         lengths = [count_tokens(s) if s else 0 for s in slots]
         todo = [n for n in range(len(run.items)) if n not in run.released]
         answered = [n for n in todo if slots[n]]
-        fallbacks = [run.items[n] for n in todo if not slots[n]]
+        fallbacks = [n for n in todo if not slots[n]]
+        # Shares of the whole call, over every slot, so early and late answers add up exactly.
+        usage = _usage(completion)
+        cost = self.books.call(
+            tenant=first.tenant or "", model=first.model, kind="batch", usage=usage,
+            started=started, size=len(run.items),
+        )  # fmt: skip
+        prompts = split_prompt(usage.prompt, [i.tokens for i in run.items])
+        weights = [lengths[n] + 1 if slots[n] else 0 for n in range(len(slots))]
+        completions = split_total(usage.completion, weights)
+        shares = self.books.shares(first.model, usage, cost, prompts, completions)
+        for n, item in enumerate(run.items):
+            if n not in fallbacks:
+                self.books.answered(
+                    item.request, task_id_of(item.delivery), "batched", shares[n], slots[n] or ""
+                )
         if answered:
-            # Shares of the whole call, over every slot, so early and late answers add up.
-            prompts = split_prompt(completion.prompt_tokens, [i.tokens for i in run.items])
-            weights = [lengths[n] + 1 if slots[n] else 0 for n in range(len(slots))]
-            completions = split_total(completion.completion_tokens, weights)
             settled = [
                 (
                     run.items[n],
@@ -250,8 +324,7 @@ class Sender:
                             "batched",
                             run.batch_id,
                             len(run.items),
-                            prompts[n],
-                            completions[n],
+                            shares[n],
                         )
                     ),
                 )
@@ -280,7 +353,9 @@ class Sender:
             log.warning("batch limit not recorded: %s", type(exc).__name__)
         if fallbacks:
             log.info("batch %s: %d of %d answers re-sent singly", run.batch_id, misses, size)
-            await asyncio.gather(*(self.send_single(item) for item in fallbacks))
+            await asyncio.gather(
+                *(self.send_single(run.items[n], prior=shares[n]) for n in fallbacks)
+            )
 
     # -- settling ----------------------------------------------------------------------------
     def _answer(
@@ -290,20 +365,21 @@ class Sender:
         source: str,
         batch_id: str | None,
         size: int,
-        prompt_tokens: int,
-        completion_tokens: int,
+        share: Share,
     ) -> Answer:
+        cost = share.billed
+        if cost is None and share.cached == 0:  # an early answer's estimate, priced now
+            cost = self.books.cost(request.model, Usage(share.prompt, share.completion))
         return Answer(
             text=text,
             source=source,
             model=request.model,
             batch_id=batch_id,
             batch_size=size,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cost_usd=cost_usd(
-                self.settings.prices, request.model, prompt_tokens, completion_tokens
-            ),
+            prompt_tokens=share.prompt,
+            completion_tokens=share.completion,
+            cached_tokens=share.cached,
+            cost_usd=cost,
         )
 
     async def _settle(self, outcomes: list[tuple[Item, Outcome]]) -> None:
@@ -347,6 +423,26 @@ def _prefix_tokens(system: str | None) -> int:
     return chat_prompt_tokens(build_batch_messages([], system=system))
 
 
+@functools.lru_cache(maxsize=256)
+def _single_overhead(system: str | None) -> int:
+    """Tokens of a call for one question, besides the question: system prompt and framing."""
+    return chat_prompt_tokens(build_single_messages("", system=system))
+
+
+def batching_pays(system: str | None, price: Price | None, size: int) -> bool:
+    """Whether a full combined prompt of ``size`` costs less per request than asking alone.
+
+    A batch adds the instructions (shared), a marker per question and a label per answer; it
+    saves the system prompt and framing each separate call repeats. With no or a short system
+    prompt, that never pays. Unpriced models are batched (nothing to compare).
+    """
+    if price is None or size < 2:
+        return True
+    per_request = (_prefix_tokens(system) / size + MARKER_TOKENS) * price.input_per_m
+    per_request += LABEL_TOKENS * price.output_per_m
+    return per_request < _single_overhead(system) * price.input_per_m
+
+
 def _batch_prompt_tokens(system: str | None, question_tokens: list[int]) -> int:
     """A batch prompt's tokens without re-counting its questions: prefix, questions, markers."""
     return _prefix_tokens(system) + sum(question_tokens) + MARKER_TOKENS * len(question_tokens)
@@ -366,3 +462,12 @@ def new_batch_id(worker_id: str) -> str:
     Worker ids are random per process, so a counter keeps ids unique without a syscall each.
     """
     return f"{worker_id}.{next(_batch_serial)}"
+
+
+def _usage(completion: Completion) -> Usage:
+    return Usage(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens)
+
+
+def task_id_of(delivery: str) -> str:
+    """The task id inside a delivery id (``<task id>:<worker>:<serial>``)."""
+    return delivery.rsplit(":", 2)[0]

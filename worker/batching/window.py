@@ -41,9 +41,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # Claims up to `limit` items of the window as batch `batch` under a lease; drops items whose
 # delivery no longer holds its claim, and repeats of one delivery (a retried join).
+# With `factor` > 1 (similarity grouping) it claims up to `factor` x `limit`, in whole calls'
+# worth when there is more than one (the rest waits for its window, as without grouping), and
+# the reply is 'split', carrying the limit and answer estimate the sender splits by.
 _CLAIM_LUA = """
-local function claim(limit, batch, lease_ms, window_ms)
-  local raw = redis.call('LRANGE', win, 0, limit - 1)
+local function claim(limit, factor, batch, lease_ms, window_ms)
+  local want = limit
+  if factor > 1 then
+    local len = redis.call('LLEN', win)
+    want = math.min(len, limit * factor)
+    if want > limit then want = want - want % limit end
+  end
+  local raw = redis.call('LRANGE', win, 0, want - 1)
   redis.call('LTRIM', win, #raw, -1)
   local items, seen, tokens, answers = {}, {}, 0, 0
   for _, blob in ipairs(raw) do
@@ -68,13 +77,17 @@ local function claim(limit, batch, lease_ms, window_ms)
   redis.call('RPUSH', batch_prefix .. batch, unpack(items))
   redis.call('PEXPIRE', batch_prefix .. batch, 3600000)
   redis.call('ZADD', leases, now + lease_ms, batch)
+  if factor > 1 then
+    return {'split', batch, left, limit, math.floor(answer_estimate()), unpack(items)}
+  end
   return {'batch', batch, left, unpack(items)}
 end
 """
 
 # Joining, as a Lua function over ARGV[o+1 ..]: item json, its tokens, its answer estimate
 # (0: use the model's), model, window ms, max tokens, max answer tokens, batch id, lease ms,
-# then the sizer policy. The join script has o = 0; the entry script puts its claim first.
+# then the sizer policy, then the split factor (1: no similarity grouping). The join script has
+# o = 0; the entry script puts its claim first and its cache arguments after.
 JOIN_LUA = (
     LIMIT_LUA
     + _CLAIM_LUA
@@ -82,6 +95,7 @@ JOIN_LUA = (
 local function join_window(o)
   local limit = model_limit()
   if limit <= 1 then return {'single', 0} end
+  local factor = tonumber(ARGV[o + 16]) or 1
   local answer = tonumber(ARGV[o + 3])
   if answer == 0 then answer = math.floor(answer_estimate()) end
   local n = redis.call('RPUSH', win, ARGV[o + 1])
@@ -95,9 +109,9 @@ local function join_window(o)
   end
   redis.call('PEXPIRE', win, 600000)
   redis.call('PEXPIRE', meta, 600000)
-  if n >= limit or tokens >= tonumber(ARGV[o + 6]) or answers >= tonumber(ARGV[o + 7])
-      or now >= due then
-    return claim(limit, ARGV[o + 8], tonumber(ARGV[o + 9]), window_ms)
+  if n >= limit * factor or tokens >= tonumber(ARGV[o + 6])
+      or answers >= tonumber(ARGV[o + 7]) or now >= due then
+    return claim(limit, factor, ARGV[o + 8], tonumber(ARGV[o + 9]), window_ms)
   end
   return {'wait', due - now}
 end
@@ -116,7 +130,7 @@ for i = {offset + 10}, {offset + 15} do table.insert(policy, tonumber(ARGV[i])) 
 
 _JOIN = HEAD_LUA + join_prelude(0) + JOIN_LUA + "\nreturn join_window(0)\n"
 
-# ARGV: model, window ms, batch id, lease ms, then the sizer policy.
+# ARGV: model, window ms, batch id, lease ms, the sizer policy, force, split factor.
 _FLUSH = (
     HEAD_LUA
     + """
@@ -130,7 +144,8 @@ for i = 5, 10 do table.insert(policy, tonumber(ARGV[i])) end
 local due = tonumber(redis.call('HGET', meta, 'due'))
 if not due then return {'none', 0} end
 if now < due and ARGV[11] ~= '1' then return {'wait', due - now} end
-return claim(math.max(2, model_limit()), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[2]))
+local factor = tonumber(ARGV[12]) or 1
+return claim(math.max(2, model_limit()), factor, ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[2]))
 """
 )
 
@@ -213,6 +228,9 @@ class Verdict:
     batch: str = ""
     left: int = 0  # items still in the window after this claim
     items: tuple[Item, ...] = ()
+    # Similarity grouping only (0: unknown): one call's item limit and answer estimate.
+    limit: int = 0
+    answer_estimate: int = 0
 
 
 def verdict(reply: list[Any]) -> Verdict:
@@ -222,6 +240,17 @@ def verdict(reply: list[Any]) -> Verdict:
         batch = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         items = tuple(Item.load(b) for b in reply[3:])
         return Verdict("batch", batch=batch, left=int(reply[2]), items=items)
+    if action == "split":
+        batch = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        items = tuple(Item.load(b) for b in reply[5:])
+        return Verdict(
+            "batch",
+            batch=batch,
+            left=int(reply[2]),
+            items=items,
+            limit=int(reply[3]),
+            answer_estimate=int(reply[4]),
+        )
     if action == "wait":
         return Verdict("wait", delay_ms=max(0, int(reply[1])))
     return Verdict("single" if action == "single" else "none")
@@ -247,9 +276,16 @@ class Window:
         aclient: aioredis.Redis,
         limits: Limits,
         policy: SizerPolicy,
+        *,
+        split_factor: int = 1,
     ) -> None:
+        """``split_factor`` > 1 (similarity grouping): claim that many calls' worth at once.
+
+        ``limits`` are then the scaled budgets of a whole claim; one call's stay in settings.
+        """
         self.limits = limits
         self.policy = policy
+        self.split_factor = split_factor
         self._join = client.register_script(_JOIN)
         self._flush = aclient.register_script(_FLUSH)
         self._reclaim = aclient.register_script(_RECLAIM)
@@ -275,12 +311,13 @@ class Window:
             batch_id,
             self.lease_ms,
             *self.policy.args(),
+            self.split_factor,  # always sent: the entry script appends its own arguments
         ]
 
     async def flush(self, group: str, model: str, batch_id: str, *, force: bool = False) -> Verdict:
         """At the window's close (or now, if ``force``): claim what is there, or learn when."""
         args = [model, self.limits.window_ms, batch_id, self.lease_ms, *self.policy.args()]
-        args.append("1" if force else "0")
+        args += ["1" if force else "0", self.split_factor]
         return verdict(await self._flush(keys=window_keys(group), args=args))
 
     async def reclaim(self) -> Verdict:

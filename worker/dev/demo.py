@@ -15,7 +15,7 @@ import typer
 from producer import Answer, Client, load_settings
 
 from ..batching.prompt import build_single_messages
-from ..pricing import cost_usd
+from ..ledger.prices import PriceBook
 from ..tokens import chat_prompt_tokens, count_tokens
 from .procs import Proc, redis_answers, start_fake_llm, start_redis, start_worker, wait_for_workers
 from .workload import WorkItem, support_burst
@@ -58,7 +58,7 @@ def run_demo(*, requests: int, latency_ms: float) -> None:
         client_settings = settings.model_copy(update={"redis_url": redis_url})
         answers, elapsed, latencies = _send(Client(settings=client_settings), items)
         stats = httpx.get(fake.url.removesuffix("/v1") + "/stats", timeout=5).json()
-        _report(items, answers, stats, elapsed, latencies, settings.prices)
+        _report(items, answers, stats, elapsed, latencies, PriceBook.load(settings.prices_file))
         _say(
             f"\nWatch it live: celery --broker={redis_url} flower  (then open http://localhost:5555)"
         )
@@ -86,7 +86,7 @@ def _report(
     stats: dict[str, int],
     elapsed: float,
     latencies: list[float],
-    prices: dict[str, tuple[float, float]],
+    prices: PriceBook,
 ) -> None:
     sources = Counter(a.source for a in answers)
     base_prompt = base_completion = 0
@@ -95,8 +95,8 @@ def _report(
         p = chat_prompt_tokens(build_single_messages(item.prompt, system=item.system))
         c = count_tokens(answer.text)
         base_prompt, base_completion = base_prompt + p, base_completion + c
-        base_cost += cost_usd(prices, item.model, p, c)
-        our_cost += answer.cost_usd
+        base_cost += prices.cost(item.model, p, c, 0) or 0.0
+        our_cost += answer.cost_usd or 0.0
     billed = stats["prompt_tokens"] + stats["completion_tokens"]
     baseline = base_prompt + base_completion
     rows = [

@@ -138,12 +138,16 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_fake_llm(port: int | None = None, **knobs: float | str) -> Proc:
+def start_fake_llm(port: int | None = None, **knobs: float | str | bool) -> Proc:
     """``coalesce fake-llm`` in a child process; ``url`` is its OpenAI base URL (…/v1)."""
     port = port or free_port()
     argv = [sys.executable, "-m", "worker.cli", "fake-llm", "--port", str(port)]
     for name, value in knobs.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+        option = name.replace("_", "-")
+        if isinstance(value, bool):  # a switch: --prompt-cache / --no-prompt-cache
+            argv.append(f"--{option}" if value else f"--no-{option}")
+        else:
+            argv += [f"--{option}", str(value)]
     proc = spawn(argv, log_name="fake-llm")
     proc.url = f"http://127.0.0.1:{port}/v1"
     return wait_serving(proc, proc.url + "/models", what="fake upstream", timeout=20)

@@ -10,6 +10,8 @@ follows the first instead of asking upstream again. Records, under ``coalesce:dd
 - ``waiters``  ``<delivery>|<inbox>`` of each follower; settling pushes the outcome to every
                follower's process inbox (:mod:`worker.shared.inbox`), so no follower holds a
                Redis connection while it waits.
+- ``plan``     set by the leader: the exact-cache key and TTL its answer is stored under, and
+               whether the ``answer`` record is kept (not for a sensitive request).
 
 Settling happens in :mod:`worker.shared.settle`, together with the leader's own delivery.
 """
@@ -23,8 +25,9 @@ from typing import Literal
 import redis
 
 from producer import Answer
+from producer._keys import DEDUP_PREFIX
 
-PREFIX = "coalesce:dd:"
+PREFIX = DEDUP_PREFIX
 
 
 def answer_key(key: str) -> str:
@@ -39,13 +42,21 @@ def waiters_key(key: str) -> str:
     return f"{PREFIX}{key}:waiters"
 
 
+def plan_key(key: str) -> str:
+    """What the leader's settling stores, and where (worker.cache.policy.Plan, as text)."""
+    return f"{PREFIX}{key}:plan"
+
+
 # Leads when nobody holds the claim (or we already do: a retried call is harmless); otherwise
 # registers as a follower in the same step, so the leader cannot settle in between unseen.
 # A Lua function, so the worker's entry script (claim, then join the window) can share it.
 CLAIM_LUA = """
-local function dedup_claim(answer_key, claim_key, waiters_key, delivery, inbox, ttl, waiters_ttl)
-  local answer = redis.call('GET', answer_key)
-  if answer then return 'answer', answer end
+local function dedup_claim(answer_key, claim_key, waiters_key, delivery, inbox, ttl, waiters_ttl,
+                           read)
+  if read then
+    local answer = redis.call('GET', answer_key)
+    if answer then return 'answer', answer end
+  end
   local holder = redis.call('GET', claim_key)
   if (not holder) or holder == delivery then
     redis.call('SET', claim_key, delivery, 'PX', ttl)
@@ -61,7 +72,8 @@ end
 _CLAIM = (
     CLAIM_LUA
     + """
-local role, payload = dedup_claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local role, payload = dedup_claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                                  true)
 return {role, payload}
 """
 )

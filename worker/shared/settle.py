@@ -20,9 +20,10 @@ BATCH = "coalesce:batch:"
 
 # ARGV: answer ttl ms, inbox ttl ms, batch id to release ('' for none), the caller's own inbox,
 # then per request: key, delivery, inbox, outcome json, '1' if it is an answer to keep for
-# repeats. An inbox message is "<delivery>\n<outcome json>". Parties waiting in the caller's own
-# process are not pushed: the reply lists them as {delivery, request number}, and the caller
-# resolves them in memory.
+# repeats. The leader's plan (``<key>:plan``, see worker.batching.entry) may add an exact-cache
+# entry for the answer and may ask for dedup's answer record not to be kept. An inbox message
+# is "<delivery>\n<outcome json>". Parties waiting in the caller's own process are not pushed:
+# the reply lists them as {delivery, request number}, and the caller resolves them in memory.
 _SETTLE = """
 local prefix, ttl, inbox_ttl, batch = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local own = ARGV[4]
@@ -43,11 +44,23 @@ for i = 5, #ARGV, 5 do
   local key, delivery, inbox, outcome, keep = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
   local claim = prefix .. key .. ':claim'
   if redis.call('GET', claim) == delivery then
+    local plan_key = prefix .. key .. ':plan'
+    local plan = redis.call('GET', plan_key)
+    local cache_key, cache_ttl, keep_dedup = '', 0, true
+    if plan then
+      redis.call('DEL', plan_key)
+      local nl = string.find(plan, '\\n', 1, true)
+      local nl2 = string.find(plan, '\\n', nl + 1, true)
+      cache_key = string.sub(plan, 1, nl - 1)
+      cache_ttl = tonumber(string.sub(plan, nl + 1, nl2 - 1))
+      keep_dedup = string.sub(plan, nl2 + 1) == '1'
+    end
     if keep == '1' then
       local answer = prefix .. key .. ':answer'
       local existing = redis.call('GET', answer)
       if existing then outcome = existing; stored = true
-      elseif ttl > 0 then redis.call('SET', answer, outcome, 'PX', ttl) end
+      elseif ttl > 0 and keep_dedup then redis.call('SET', answer, outcome, 'PX', ttl) end
+      if cache_key ~= '' then redis.call('SET', cache_key, outcome, 'PX', cache_ttl) end
     end
     redis.call('DEL', claim)
     local waiters_key = prefix .. key .. ':waiters'

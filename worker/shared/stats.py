@@ -14,11 +14,13 @@ from collections import Counter, defaultdict
 import redis
 import redis.asyncio as aioredis
 
+from producer._keys import STATS_KEY
+
 from .redisconn import TRANSIENT
 
 log = logging.getLogger("coalesce.stats")
 
-KEY = "coalesce:stats"
+KEY = STATS_KEY
 FIELDS = (
     "dedup",
     "batches",
@@ -30,6 +32,11 @@ FIELDS = (
     "stream_released",
     "stream_mismatches",
     "reclaimed",
+    "cache_hits",
+    "cache_misses",
+    "semantic_hits",
+    "semantic_misses",
+    "cache_saved_microusd",
 )
 
 

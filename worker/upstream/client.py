@@ -47,6 +47,8 @@ _STREAM_REFUSED_STATUSES = frozenset({400, 422})
 
 Messages = list[dict[str, str]]
 _Send = Callable[[], Awaitable[Completion | Failure]]
+# Told of every HTTP attempt: (model, status code or error kind), e.g. for metrics.
+Observer = Callable[[str, int | str], None]
 
 
 @dataclass
@@ -54,6 +56,7 @@ class _Progress:
     """One logical call across its tries, for backoff and for error messages."""
 
     started: float
+    model: str = ""
     tries: int = 0  # tries that got a slot and were sent
     failures: int = 0
     last: Failure | None = None
@@ -91,7 +94,10 @@ class Upstream:
     call ``aclose()``) and one adaptive limit on calls in flight, and is used from one event
     loop at a time. Counters for stats: ``calls`` (HTTP requests sent), ``retries``, ``limit``
     (current adaptive concurrency limit), ``in_flight`` and ``streams`` (False once the server
-    showed it does not stream).
+    showed it does not stream). ``observer`` (optional) is called once per HTTP attempt with
+    the model and the attempt's status code, or an error kind (``timeout``, ``network``,
+    ``bad_response``, ``stream_broken``, ``deadline``, ``error``) when there was none; it
+    runs on the event loop, so it must be quick, and its exceptions are logged and ignored.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Upstream:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        observer: Observer | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -120,6 +127,7 @@ class Upstream:
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._clock = clock  # must agree with the callers' deadlines (time.monotonic)
+        self._observer = observer
         self._limit = AdaptiveLimit(concurrency)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
@@ -182,7 +190,9 @@ class Upstream:
         400/413/422 raise ``UpstreamRejected`` at once: retrying the same input will not help.
         """
         payload = _payload(model, messages, temperature, max_tokens, params)
-        return await self._retrying(lambda: self._post_once(payload, model, deadline), deadline)
+        return await self._retrying(
+            lambda: self._post_once(payload, model, deadline), deadline, model
+        )
 
     async def chat_stream(
         self,
@@ -211,7 +221,9 @@ class Upstream:
         state = _StreamState()
         try:
             return await self._retrying(
-                lambda: self._stream_once(payload, model, deadline, on_text, state), deadline
+                lambda: self._stream_once(payload, model, deadline, on_text, state),
+                deadline,
+                model,
             )
         except UpstreamRejected as exc:
             if exc.status_code not in _STREAM_REFUSED_STATUSES or self._stream_confirmed:
@@ -253,9 +265,9 @@ class Upstream:
 
     # -- retrying ----------------------------------------------------------------------------
 
-    async def _retrying(self, send: _Send, deadline: float | None) -> Completion:
+    async def _retrying(self, send: _Send, deadline: float | None, model: str) -> Completion:
         """Try ``send`` until it succeeds, raises, runs out of tries or meets the deadline."""
-        progress = _Progress(started=self._clock())
+        progress = _Progress(started=self._clock(), model=model)
         cap = self.retry.max_tries(deadline)
         while True:
             if progress.last is not None:
@@ -277,22 +289,42 @@ class Upstream:
         """One try within the adaptive limit, cut off at the deadline."""
         remaining = None if deadline is None else deadline - self._clock()
         head = "request deadline passed while waiting for a free upstream slot"
+        sent = False
+        status: int | str | None = None  # set once an attempt was sent and ended
         try:
             async with asyncio.timeout(remaining) as scope:
                 ticket = await self._limit.acquire()
+                sent = True
                 progress.tries += 1
                 self.calls += 1
                 head = f"request deadline passed during attempt {progress.tries}"
                 outcome: Completion | Failure | None = None
                 try:
                     outcome = await send()
+                except UpstreamError as exc:
+                    status = _error_status(exc)
+                    raise
                 finally:
                     self._limit.release(ticket, _verdict(outcome))
+                status = _outcome_status(outcome)
                 return outcome
         except TimeoutError:
             if not scope.expired():
                 raise
+            if sent and status is None:
+                status = "deadline"  # cut off while the attempt ran
             raise UpstreamTimeout(self._deadline_message(progress, head)) from None
+        finally:
+            if status is not None:
+                self._observe(progress.model, status)
+
+    def _observe(self, model: str, status: int | str) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(model, status)
+        except Exception:  # metrics must never fail a call
+            logger.exception("upstream observer failed")
 
     async def _backoff(self, progress: _Progress, deadline: float | None) -> None:
         failure = progress.last
@@ -495,7 +527,7 @@ class Upstream:
         """One completion for ``body`` exactly as given, retried like ``chat``; whole reply kept."""
         model = str(body.get("model", ""))
         completion = await self._retrying(
-            lambda: self._post_once(body, model, deadline, self._raw_outcome), deadline
+            lambda: self._post_once(body, model, deadline, self._raw_outcome), deadline, model
         )
         assert isinstance(completion, RawCompletion)
         return completion
@@ -521,7 +553,9 @@ class Upstream:
         state = _RawStreamState()
         try:
             completion = await self._retrying(
-                lambda: self._stream_raw_once(payload, model, deadline, on_chunk, state), deadline
+                lambda: self._stream_raw_once(payload, model, deadline, on_chunk, state),
+                deadline,
+                model,
             )
         except UpstreamTimeout:
             if not state.delivered:
@@ -636,6 +670,24 @@ def _payload(
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
     return payload
+
+
+def _outcome_status(outcome: Completion | Failure | None) -> int | str | None:
+    """An attempt's status for the observer: 200, the failure's status, or its kind."""
+    if isinstance(outcome, Completion):
+        return 200
+    if isinstance(outcome, Failure):
+        return outcome.status or outcome.kind
+    return None
+
+
+def _error_status(exc: UpstreamError) -> int | str:
+    """The status of an attempt that raised (4xx statuses, streams broken midway, our bugs)."""
+    if isinstance(exc, UpstreamStatusError) and exc.status_code:
+        return exc.status_code
+    if isinstance(exc, UpstreamStreamBroken):
+        return "stream_broken"
+    return "error"
 
 
 def _verdict(outcome: Completion | Failure | None) -> Verdict:

@@ -13,11 +13,13 @@ user's gets one deterministic tool call (the tool ``tool_choice`` names, else th
 ``{<its first parameter>: <the last user message>}`` as arguments, finish_reason
 ``tool_calls``), streamed as tool-call deltas when asked to stream; after a tool result it
 answers in text. ``GET /debug/last`` (and ``/debug/bodies``, the last 50) return the chat
-bodies as received, so tests can check what reached the provider.
+bodies as received, so tests can check what reached the provider. Prompt caching is simulated
+as OpenAI bills it (``promptcache``): a repeated start of 1,024+ tokens reports
+``usage.prompt_tokens_details.cached_tokens``, and ``/stats`` totals cached tokens too.
 
 Modules: ``config`` (knobs), ``answers`` (deterministic answers, batch splitting, tokens),
 ``replies`` (reply layouts), ``protocol`` (OpenAI wire format), ``state`` (limits and
-counters), ``app`` (routes and timing).
+counters), ``promptcache`` (provider prompt caching), ``app`` (routes and timing).
 
 It never logs prompt contents or request headers: uvicorn's access log is off in :func:`serve`
 and the app itself logs nothing.

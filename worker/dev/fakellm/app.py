@@ -144,7 +144,7 @@ async def _answer(state: State, chat: ChatRequest, ticket: Pass) -> Response:
         message = "The server had an error while processing your request."
         return error(500, message, "server_error")
     broken = rng.choice(("oops", "truncated")) if roll(rng, config.malformed_rate) else None
-    reply = build_reply(rng, config, chat)
+    reply = state.cache_prompt(chat, build_reply(rng, config, chat))
     if chat.stream and config.stream_mode == "on":
         events = _events(state, config, chat, reply, broken, started)
         return EventStream(events, ticket.release)

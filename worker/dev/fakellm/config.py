@@ -20,6 +20,7 @@ _NON_NEGATIVE = (
     "max_concurrency",
     "concurrency_limit",
     "retry_after_ms",
+    "prompt_cache_ttl_s",
 )
 
 
@@ -39,7 +40,9 @@ class FakeConfig:
     whole word (case-insensitive) fail with a content-filter 400. ``layouts`` (comma-separated
     names from ``LAYOUTS``; empty: all) limits the layouts ``noise`` picks from, so a test can
     ask for one; a batch no allowed layout fits (say ``json`` with a multi-line answer) gets
-    one of the line layouts instead.
+    one of the line layouts instead. ``prompt_cache`` simulates OpenAI's prompt caching: a
+    prompt of 1,024+ tokens whose start matches a prompt seen in the last
+    ``prompt_cache_ttl_s`` seconds reports ``usage.prompt_tokens_details.cached_tokens``.
     """
 
     latency_ms: float = 0
@@ -56,6 +59,8 @@ class FakeConfig:
     reject_word: str = ""
     layouts: str = ""
     seed: int = 0
+    prompt_cache: bool = True
+    prompt_cache_ttl_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in _PROBABILITIES:
@@ -83,6 +88,10 @@ def _field_types() -> dict[str, type]:
 
 def _coerce(name: str, kind: type, value: object) -> Any:
     """One ``POST /config`` value checked against its knob's type (bool is not a number)."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false")
+        return value
     if kind is str:
         if not isinstance(value, str):
             raise BadRequest(f"{name} must be a string")

@@ -50,6 +50,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     tool: ToolCall | None = None
+    roles: tuple[str, ...] = ()  # one per entry of ``texts``
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Reply:
     layout: str | None = None  # the non-standard layout of a noisy batched reply
     dropped: bool = False
     tool_call: dict[str, Any] | None = None  # pieces then hold the call's arguments
+    # provider prompt cache: None = prompt too short to cache (usage has no details)
+    cached_tokens: int | None = None
 
     @property
     def content(self) -> str:
@@ -169,18 +172,22 @@ def parse_chat(body: object) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         tool=tool,
+        roles=tuple(role for role, _ in messages),
     )
 
 
 # --- replies ------------------------------------------------------------------------------------
 
 
-def _usage(chat: ChatRequest, reply: Reply) -> dict[str, int]:
-    return {
+def _usage(chat: ChatRequest, reply: Reply) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": chat.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "total_tokens": chat.prompt_tokens + reply.completion_tokens,
     }
+    if reply.cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": reply.cached_tokens}
+    return usage
 
 
 def _completion_id() -> str:

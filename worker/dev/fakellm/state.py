@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import FakeConfig
+from .promptcache import PromptCache
 from .protocol import ChatRequest, Reply
 
 BODIES_KEPT = 50
@@ -104,6 +105,7 @@ class Stats:
     streamed_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the simulated provider prompt cache
     errors: int = 0  # 500s
     rate_limited: int = 0  # every 429, from rate_limit or concurrency_limit
     concurrency_limited: int = 0
@@ -116,6 +118,8 @@ class Stats:
     calls_by_model: dict[str, int] = field(default_factory=dict)
     batch_sizes: dict[str, int] = field(default_factory=dict)
     layouts: dict[str, int] = field(default_factory=dict)
+    # per model: {"prompt_tokens", "completion_tokens", "cached_tokens"}, to price a run
+    tokens_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _count(histogram: dict[str, int], key: str) -> None:
@@ -133,6 +137,7 @@ class State:
         self.bucket = TokenBucket(config.rate_limit)
         # The last chat bodies received (GET /debug/last), for tests of what reached us.
         self.bodies: collections.deque[Any] = collections.deque(maxlen=BODIES_KEPT)
+        self.prompt_cache = PromptCache()
 
     def remember(self, body: Any) -> None:
         self.bodies.append(body)
@@ -146,6 +151,15 @@ class State:
             self.bucket = TokenBucket(self.config.rate_limit)
         if self.config.max_concurrency != old.max_concurrency:
             self.gate.resize(self.config.max_concurrency)
+        if not self.config.prompt_cache:
+            self.prompt_cache.clear()
+
+    def cache_prompt(self, chat: ChatRequest, reply: Reply) -> Reply:
+        """``reply`` with the cached tokens the provider's prompt cache would report."""
+        if not self.config.prompt_cache:
+            return reply
+        cached = self.prompt_cache.use(chat, time.monotonic(), self.config.prompt_cache_ttl_s)
+        return reply if cached is None else dataclasses.replace(reply, cached_tokens=cached)
 
     def bump(self, *counters: str) -> None:
         """Add one to each named counter (all on the event loop, so no lock is needed)."""
@@ -159,6 +173,13 @@ class State:
         stats.questions += reply.questions
         stats.prompt_tokens += chat.prompt_tokens
         stats.completion_tokens += reply.completion_tokens
+        stats.cached_tokens += reply.cached_tokens or 0
+        per_model = stats.tokens_by_model.setdefault(
+            chat.model, {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+        )
+        per_model["prompt_tokens"] += chat.prompt_tokens
+        per_model["completion_tokens"] += reply.completion_tokens
+        per_model["cached_tokens"] += reply.cached_tokens or 0
         stats.dropped += reply.dropped
         stats.tool_calls += reply.tool_call is not None
         _count(stats.calls_by_model, chat.model)
