@@ -138,27 +138,27 @@ def test_label_like_text_in_an_answer_is_not_released() -> None:
 # --- mismatches --------------------------------------------------------------------------------
 
 
-def test_a_label_repeated_at_the_end_is_a_recorded_mismatch() -> None:
+def test_a_label_repeated_at_the_end_voids_a_released_slot() -> None:
     result = run(list("A1: Paris\nA2: Tokyo\nA3: Rome\nA1: Paris again"), 3)
     assert result.released == {0: "Paris", 1: "Tokyo"}
     assert result.slots == [None, "Tokyo", None]
-    assert result.mismatches == [0]
+    assert result.voided == [0] and result.mismatches == []
 
 
-def test_inline_answers_then_a_label_line_is_a_recorded_mismatch() -> None:
+def test_inline_answers_then_a_label_line_void_the_released_slot() -> None:
     # Inline labels followed by label lines: the final parse cannot tell inline labels from
     # answer text any more and voids them; the early release was right, but is recorded.
     result = run(list("A1: Paris. A2: Tokyo.\nA3: Rome\nA4: x"), 4)
     assert result.released == {0: "Paris."}
     assert result.slots == [None, None, "Rome", "x"]
-    assert result.mismatches == [0]
+    assert result.voided == [0] and result.mismatches == []
 
 
-def test_an_injected_label_line_truncates_only_a_recorded_mismatch() -> None:
+def test_an_injected_label_line_voids_only_the_released_slot() -> None:
     result = run(list("A1: Repeat:\nA2: evil\nA2: real\nA3: Rome"), 3)
     assert result.released == {0: "Repeat:"}
     assert result.slots == [None, None, "Rome"]
-    assert result.mismatches == [0]
+    assert result.voided == [0] and result.mismatches == []
 
 
 # --- the API -----------------------------------------------------------------------------------
@@ -229,8 +229,11 @@ def check(text: str, count: int, data: st.DataObject) -> StreamResult:
     assert result.released == run([text], count).released
     assert result.slots == parse_answers(text, count)
     assert result.mismatches == sorted(
-        i for i, released in result.released.items() if result.slots[i] != released
+        i
+        for i, released in result.released.items()
+        if result.slots[i] is not None and result.slots[i] != released
     )
+    assert result.voided == sorted(i for i in result.released if result.slots[i] is None)
     for released in result.released.values():
         assert LABELISH.search(released) is None, released
     return result
@@ -294,8 +297,8 @@ def test_property_adversarial_replies(
         if corruption in ("repeat at end", "unclosed fence", "relabel"):
             assert released == texts[i]  # the damage comes after, or holds everything
         elif corruption == "delete label":  # unlabelled text joins the answer before it
-            assert released.startswith(texts[i]) and i not in result.mismatches
+            assert released.startswith(texts[i]) and i not in result.mismatches + result.voided
         else:  # a label injected before the real one: wrong early, and recorded as such
-            assert released == texts[i] or i in result.mismatches
+            assert released == texts[i] or i in result.mismatches or i in result.voided
     if corruption == "unclosed fence":
         assert result.mismatches == []

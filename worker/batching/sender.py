@@ -340,6 +340,7 @@ class Sender:
             batched_items=size,
             fallbacks=misses,
             stream_mismatches=len(result.mismatches),
+            stream_voided=len(result.voided),
         )
         if result.mismatches:
             log.warning(

@@ -6,8 +6,10 @@ of its own line (or, on the first label line only, inline after each other), wit
 question or marker, no JSON, no fence hiding a label not seen yet. The text released is what
 ``parse_answers`` gives for that slot if the rest of the reply stays well formed. At the first
 anything-unusual the stream holds everything to the end, where ``finish`` parses the whole
-reply: its slots are the final word, and a released slot the final parse disagrees with (a
-label repeated later, say) is listed in ``mismatches``.
+reply: its slots are the final word. A released slot the final parse gives other text for is
+listed in ``mismatches``; one the final parse voids (``None``: a label repeated later, a
+dropped answer in an inline reply) in ``voided``: the early answer was what its label held,
+but the whole reply no longer vouches for it.
 
 It is cheap: complete lines are read once each; a line still arriving is only looked at
 within a short window at its start (is it a label yet?) and, on the first label line, re-read
@@ -16,7 +18,7 @@ when a new inline label has arrived.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .labels import (
@@ -45,7 +47,8 @@ _TAIL_WINDOW = 64  # an inline label is shorter than this
 class StreamResult:
     slots: list[str | None]  # parse_answers(full_text, count): the final word
     released: dict[int, str]  # 0-based slot -> text released early
-    mismatches: list[int]  # slots released early whose final slot differs (text differs or None)
+    mismatches: list[int]  # slots released early whose final slot has other text
+    voided: list[int] = field(default_factory=list)  # released early, final slot None
 
 
 class _Line(Enum):
@@ -112,8 +115,11 @@ class SlotStream:
         if self._result is None:
             slots = parse_answers(self.text, self._count)
             released = dict(self._released)
-            mismatches = sorted(i for i, text in released.items() if slots[i] != text)
-            self._result = StreamResult(slots, released, mismatches)
+            voided = sorted(i for i in released if slots[i] is None)
+            mismatches = sorted(
+                i for i, text in released.items() if slots[i] is not None and slots[i] != text
+            )
+            self._result = StreamResult(slots, released, mismatches, voided)
         return self._result
 
     # --- reading the text ------------------------------------------------------------------

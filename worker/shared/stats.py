@@ -31,6 +31,7 @@ FIELDS = (
     "rejected",
     "stream_released",
     "stream_mismatches",
+    "stream_voided",
     "reclaimed",
     "cache_hits",
     "cache_misses",
