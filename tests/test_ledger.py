@@ -331,3 +331,22 @@ async def test_exact_against_the_fake_upstream(client: redis.Redis) -> None:
         expected += sum((n * r for n, r in zip(counts, rates, strict=True)), Decimal(0)) / 10**6
     assert round(Decimal(totals.upstream_billed_nano) / 10**9, 2) == round(expected, 2)
     assert totals.upstream_billed_nano == int(expected * 10**9)  # here exact to the nano-dollar
+
+
+def test_writer_drops_only_the_overflow_oldest_calls_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.ledger import writer as writer_module
+
+    class Down:
+        def record(self, calls: object, requests: object) -> None:
+            raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(writer_module, "MAX_PENDING", 3)
+    writer = writer_module.LedgerWriter(Down())  # type: ignore[arg-type]
+    try:
+        calls = [CallRecord(T0, "acme", MINI, "single", 9, 1, 0, 0.0, 0.1, 1, "ok")] * 2
+        requests = [hit(T0, "cache")] * 3
+        writer.add(calls=calls, requests=requests)
+        with writer._lock:
+            assert (len(writer._calls), len(writer._requests)) == (0, 3)
+    finally:
+        writer.stop()

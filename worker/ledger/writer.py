@@ -52,8 +52,9 @@ class LedgerWriter:
             self._then.extend(then)
             dropped = len(self._calls) + len(self._requests) - MAX_PENDING
             if dropped > 0:
-                del self._calls[: min(dropped, len(self._calls))]
-                del self._requests[: max(0, dropped - len(self._calls))]
+                from_calls = min(dropped, len(self._calls))
+                del self._calls[:from_calls]
+                del self._requests[: dropped - from_calls]
                 log.error("ledger: %d rows dropped (Redis unavailable too long)", dropped)
 
     def flush(self) -> bool:
