@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from ._keys import DEDUP_PREFIX, EXACT_PREFIX, SEMANTIC_PREFIX, STATS_KEY, partition, short_hash
+from ._keys import DEDUP_PREFIX, EXACT_PREFIX, SEMANTIC_PREFIX, STATS_KEY, short_hash
 
 SEMANTIC_LOG = "coalesce:cs:log"
 COUNTERS = (
@@ -51,7 +51,7 @@ def _match(prefix: str, tenant: str | None, namespace: str | None) -> str:
     if tenant is None and namespace is None:
         return f"{prefix}*"
     tenant_part = short_hash(tenant) if tenant is not None else "*"
-    namespace_part = partition(None, namespace).split(".")[1] if namespace is not None else "*"
+    namespace_part = short_hash(namespace) if namespace is not None else "*"
     return f"{prefix}{tenant_part}.{namespace_part}.*"
 
 

@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from producer import CacheControl, Client, InvalidRequest, load_settings, request_key
 from producer import validate_request as validate
 from producer._keys import DEDUP_PREFIX, EXACT_PREFIX
-from producer.api.controls import cache_control, controls
+from producer.api.controls import controls
 from producer.api.errors import ApiError
 from worker.cache.caches import served
 from worker.cache.policy import about_present, plan
@@ -152,16 +152,17 @@ def test_http_cache_controls():
             "cache-control": "no-cache",
         }
     )
-    control = cache_control(headers, fields)
+    control, _ = controls(headers, fields)
     assert control == {"no_store": True, "namespace": "faq", "ttl": 60, "no_cache": True}
     assert "coalesce" not in fields  # never forwarded upstream
-    assert cache_control(Headers({}), {"coalesce": {"cache": "sensitive"}}) == {"sensitive": True}
-    assert cache_control(Headers({}), {}) is None
+    sensitive = controls(Headers({}), {"coalesce": {"cache": "sensitive"}})
+    assert sensitive == ({"sensitive": True}, None)
+    assert controls(Headers({}), {}) == (None, None)
     for bad in ({"x-coalesce-cache": "forever"}, {"x-coalesce-cache-ttl": "soon"}):
         with pytest.raises(ApiError):
-            cache_control(Headers(bad), {})
+            controls(Headers(bad), {})
     with pytest.raises(ApiError):
-        cache_control(Headers({}), {"coalesce": {"budget": 1}})
+        controls(Headers({}), {"coalesce": {"budget": 1}})
     tags_fields = {"coalesce": {"tags": {"user": "u42"}}}
     tagged = controls(Headers({"x-coalesce-tags": "feature=faq, user=u1"}), tags_fields)
     assert tagged == (None, {"feature": "faq", "user": "u42"})

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from producer import Answer, Request, Settings, UpstreamError
+from producer import Answer, Request, Settings
 from producer._exceptions import UpstreamRejected
 from producer._relay import CHUNK_TTL_S, chunk_key, encode_chunk, encode_done
 
@@ -60,7 +60,7 @@ class Passthrough:
             if isinstance(exc, UpstreamRejected):
                 self.collector.stats.add_soon(request.model, rejected=1)
             books.failed(request, "passthrough", started, 1, exc)
-            outcome = _failure(exc)
+            outcome = Outcome.failed(exc)
         else:
             self.collector.stats.add_soon(request.model, passthrough=1)
             answer = answer_of(books, request, raw)
@@ -111,11 +111,6 @@ def answer_of(books: Books, request: Request, raw: RawCompletion) -> Answer:
 
 def usage_of(answer: Answer) -> Usage:
     return Usage(answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
-
-
-def _failure(exc: BaseException) -> Outcome:
-    kind = type(exc).__name__ if isinstance(exc, UpstreamError) else "RequestFailed"
-    return Outcome(error=str(exc) or type(exc).__name__, kind=kind)
 
 
 class Relay:

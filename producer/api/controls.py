@@ -45,11 +45,6 @@ def controls(
     return _cache(headers, extra.get("cache")), _tags(headers, extra.get("tags"))
 
 
-def cache_control(headers: Headers, fields: dict[str, Any]) -> dict[str, Any] | None:
-    """Only the cache part of :func:`controls`."""
-    return controls(headers, fields)[0]
-
-
 def _cache(headers: Headers, body: object) -> dict[str, Any] | None:
     control = _from_headers(headers)
     if body is not None:

@@ -51,14 +51,15 @@ PLAN_MARGIN_MS = 60_000  # a plan outlives its request's deadline by this, for a
 
 
 def stored_as(plan: Plan) -> str:
-    """The plan as the settle script reads it: ``<exact key>\n<ttl ms>\n<keep dedup 1|0>``.
+    """The plan as the settle script reads it: ``<exact key or ''>\n<ttl ms>``.
 
-    '' when the caches are off for it: dedup's answer record is kept, as without caches.
+    '' when the caches are off for it: dedup's answer record is kept, as without caches. A
+    plan means the cache serves later repeats, so the settle script keeps no dedup record.
     """
     if plan.keep_dedup:
         return ""
     key = plan.exact_key if plan.store else ""
-    return f"{key}\n{plan.ttl_s * 1000}\n{'1' if plan.keep_dedup else '0'}"
+    return f"{key}\n{plan.ttl_s * 1000}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from producer import Answer, Request, Settings, UpstreamError
+from producer import Answer, Request, Settings
 from producer._exceptions import UpstreamRejected, UpstreamStreamBroken
 
 from ..ledger.books import Books, Share, Usage
@@ -161,7 +161,7 @@ class Sender:
         except Exception as exc:
             self._count_failure(request.model, exc)
             self.books.failed(request, kind, started, 1, exc)
-            await self._settle([(item, _failure(exc))])
+            await self._settle([(item, Outcome.failed(exc))])
             return
         usage = _usage(completion)
         cost = self.books.call(
@@ -227,7 +227,7 @@ class Sender:
             await asyncio.gather(*(self.send_single(item) for item in rest))
         else:
             self._count_failure(model, exc)
-            await self._settle([(item, _failure(exc)) for item in rest])
+            await self._settle([(item, Outcome.failed(exc)) for item in rest])
 
     async def _call(
         self, run: _Run, first: Request, messages: list[dict[str, str]], per_answer: int | None
@@ -447,11 +447,6 @@ def batching_pays(system: str | None, price: Price | None, size: int) -> bool:
 def _batch_prompt_tokens(system: str | None, question_tokens: list[int]) -> int:
     """A batch prompt's tokens without re-counting its questions: prefix, questions, markers."""
     return _prefix_tokens(system) + sum(question_tokens) + MARKER_TOKENS * len(question_tokens)
-
-
-def _failure(exc: BaseException) -> Outcome:
-    kind = type(exc).__name__ if isinstance(exc, UpstreamError) else "RequestFailed"
-    return Outcome(error=str(exc) or type(exc).__name__, kind=kind)
 
 
 _batch_serial = itertools.count()

@@ -10,8 +10,9 @@ follows the first instead of asking upstream again. Records, under ``coalesce:dd
 - ``waiters``  ``<delivery>|<inbox>`` of each follower; settling pushes the outcome to every
                follower's process inbox (:mod:`worker.shared.inbox`), so no follower holds a
                Redis connection while it waits.
-- ``plan``     set by the leader: the exact-cache key and TTL its answer is stored under, and
-               whether the ``answer`` record is kept (not for a sensitive request).
+- ``plan``     set by the leader when the caches apply to it: the exact-cache key and TTL its
+               answer is stored under (none for ``no_store``); the ``answer`` record is then
+               not kept, since the cache serves later repeats.
 
 Settling happens in :mod:`worker.shared.settle`, together with the leader's own delivery.
 """
@@ -24,7 +25,7 @@ from typing import Literal
 
 import redis
 
-from producer import Answer
+from producer import Answer, UpstreamError
 from producer._keys import DEDUP_PREFIX
 
 PREFIX = DEDUP_PREFIX
@@ -102,6 +103,12 @@ class Outcome:
     answer: Answer | None = None
     error: str | None = None
     kind: str = "RequestFailed"
+
+    @classmethod
+    def failed(cls, exc: BaseException) -> Outcome:
+        """Why ``exc`` left a request without an answer: its upstream kind, else RequestFailed."""
+        kind = type(exc).__name__ if isinstance(exc, UpstreamError) else "RequestFailed"
+        return cls(error=str(exc) or type(exc).__name__, kind=kind)
 
     def dump(self) -> str:
         if self.answer is not None:

@@ -20,8 +20,8 @@ BATCH = "coalesce:batch:"
 
 # ARGV: answer ttl ms, inbox ttl ms, batch id to release ('' for none), the caller's own inbox,
 # then per request: key, delivery, inbox, outcome json, '1' if it is an answer to keep for
-# repeats. The leader's plan (``<key>:plan``, see worker.batching.entry) may add an exact-cache
-# entry for the answer and may ask for dedup's answer record not to be kept. An inbox message
+# repeats. The leader's plan (``<key>:plan``, see worker.batching.entry) adds an exact-cache
+# entry for the answer (when it names one) and replaces dedup's answer record. An inbox message
 # is "<delivery>\n<outcome json>". Parties waiting in the caller's own process are not pushed:
 # the reply lists them as {delivery, request number}, and the caller resolves them in memory.
 _SETTLE = """
@@ -50,10 +50,9 @@ for i = 5, #ARGV, 5 do
     if plan then
       redis.call('DEL', plan_key)
       local nl = string.find(plan, '\\n', 1, true)
-      local nl2 = string.find(plan, '\\n', nl + 1, true)
       cache_key = string.sub(plan, 1, nl - 1)
-      cache_ttl = tonumber(string.sub(plan, nl + 1, nl2 - 1))
-      keep_dedup = string.sub(plan, nl2 + 1) == '1'
+      cache_ttl = tonumber(string.sub(plan, nl + 1))
+      keep_dedup = false
     end
     if keep == '1' then
       local answer = prefix .. key .. ':answer'
