@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 log = logging.getLogger("coalesce.producer")
 
@@ -123,7 +123,7 @@ class Listener:
                 self.problem = exc
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(pause)
             pause = min(pause * 2, POLL_CAP_S)
 
