@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.backends.redis import RedisBackend
+
 from ._settings import Settings
 
 TASK_NAME = "coalesce.ask"
@@ -41,3 +43,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
     }
+
+
+class SendOnlyResults(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend without its SUBSCRIBE on every send.
+
+    Celery subscribes each sent task's result channel at send time so ``AsyncResult.get`` can
+    wait on it. Clients here wait through their own listener (one connection for every
+    request), so that second subscription per request was never read: a command per send and
+    a socket filling with results nobody drains. ``AsyncResult.get`` still works: it
+    subscribes when it starts waiting and reads the stored result.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+def send_only_backend(redis_url: str) -> str:
+    """``result_backend`` for a process that sends requests but never waits in Celery."""
+    return f"{__name__}:SendOnlyResults+{redis_url}"

@@ -40,7 +40,7 @@ from redis.retry import Retry
 from . import _pending
 from ._budget import Budgets
 from ._cache_admin import CacheStats, clear_cache, read_cache_stats
-from ._celeryconf import TASK_NAME, celery_config
+from ._celeryconf import TASK_NAME, celery_config, send_only_backend
 from ._exceptions import BrokerUnavailable, InvalidRequest, RequestFailed, RequestTimeout
 from ._listener import Listener, Outcome
 from ._models import Answer, CacheOption, Request
@@ -101,6 +101,7 @@ def make_app(settings: Settings) -> Celery:
     """A producer's Celery app: the workers' settings, with short connect and retry bounds."""
     app = Celery("coalesce-producer", set_as_current=False)
     conf = celery_config(settings)
+    conf["result_backend"] = send_only_backend(settings.redis_url)
     conf["task_publish_retry_policy"] = _QUICK_RETRY
     conf["result_backend_transport_options"] = {
         **conf.get("result_backend_transport_options", {}),

@@ -475,3 +475,18 @@ def test_get_without_an_outage(client: Client, redis_url: str) -> None:
     assert ticket.get(timeout=5) == ANSWER
     assert time.monotonic() - started < 0.5
     assert client.ticket(ticket.id).get(timeout=5) == ANSWER
+
+
+def test_sending_subscribes_nothing(client: Client, redis_url: str) -> None:
+    """Celery subscribes every sent task's result channel for ``AsyncResult.get``; clients
+    here wait through their own listener, so that subscription (a command per send, and a
+    socket filling with results nobody reads) is off."""
+    r = redis.Redis.from_url(redis_url)
+
+    def subscribes() -> int:
+        return int(r.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+
+    before = subscribes()
+    client.submit_many({"prompt": f"{BASE['prompt']} {n}", "model": MODEL} for n in range(5))
+    assert subscribes() == before
+    r.close()

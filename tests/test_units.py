@@ -360,3 +360,18 @@ def test_group_key_differs_when_call_parameters_differ(field: str, value: object
 def test_group_key_equal_for_different_questions() -> None:
     assert group_key(req(prompt="Why is the sky blue?")) == group_key(req())
     assert group_key(req(temperature=0, system=None)) == group_key(req(temperature=0.0, system=""))
+
+
+def test_token_counts_are_remembered_within_bounds() -> None:
+    """Repeated texts (a shared system prompt) are counted once; huge texts are not kept."""
+    import tiktoken
+
+    from worker import tokens
+
+    encoding = tiktoken.get_encoding(tokens.ENCODING)
+    short, huge = "What is the capital of France? " * 10, "word " * 20_000
+    for text in (short, short, huge, huge):
+        assert tokens.count_tokens(text) == len(encoding.encode(text, disallowed_special=()))
+    info = tokens._count_memo.cache_info()
+    assert info.hits >= 1 and info.maxsize == tokens._MEMO_ENTRIES
+    assert len(huge) > tokens._MEMO_MAX_CHARS  # counted directly, never stored

@@ -55,10 +55,13 @@ local function claim(limit, factor, batch, lease_ms, window_ms)
   local raw = redis.call('LRANGE', win, 0, want - 1)
   redis.call('LTRIM', win, #raw, -1)
   local items, seen, tokens, answers = {}, {}, 0, 0
+  local estimate = nil  -- read once per claim, not per item
   for _, blob in ipairs(raw) do
     local item = cjson.decode(blob)
     tokens = tokens + item.n
-    if item.a == 0 then answers = answers + math.floor(answer_estimate())
+    if item.a == 0 then
+      estimate = estimate or math.floor(answer_estimate())
+      answers = answers + estimate
     else answers = answers + item.a end
     if not seen[item.d] and redis.call('GET', dedup .. item.k .. ':claim') == item.d then
       seen[item.d] = true
@@ -78,7 +81,8 @@ local function claim(limit, factor, batch, lease_ms, window_ms)
   redis.call('PEXPIRE', batch_prefix .. batch, 3600000)
   redis.call('ZADD', leases, now + lease_ms, batch)
   if factor > 1 then
-    return {'split', batch, left, limit, math.floor(answer_estimate()), unpack(items)}
+    estimate = estimate or math.floor(answer_estimate())
+    return {'split', batch, left, limit, estimate, unpack(items)}
   end
   return {'batch', batch, left, unpack(items)}
 end

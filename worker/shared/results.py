@@ -61,6 +61,10 @@ class FinalResults(RedisBackend):  # type: ignore[misc]
         self.ensure(self._store_once, (self.get_key_for_task(task_id), value))
         return result
 
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """No SUBSCRIBE when the reaper re-sends a request: nobody here waits on it."""
+        return None
+
     def _store_once(self, key: str, value: Any) -> None:
         if self._store_script is None:
             self._store_script = self.client.register_script(_STORE_LUA)
