@@ -135,3 +135,20 @@ def test_a_lever_that_cost_money_is_drawn_left_of_zero() -> None:
     svg = levers_chart(totals)
     assert f'fill="{_COST}"' in svg and f'fill="{_SAVED}"' in svg
     assert "-$0.0500 (-5.0%)" in svg and "$0.1500 (15.0%)" in svg
+
+
+def test_cumulative_spend_is_drawn_at_each_buckets_end() -> None:
+    """Spend made during 14:00-15:00 shows at 15:00, from zero at the first bucket's start."""
+    import re
+
+    from worker.ledger.html import _BILLED, spend_chart
+    from worker.ledger.store import Totals
+
+    start = datetime(2026, 12, 5, 13, tzinfo=UTC).timestamp()
+    quiet, busy = Totals(), Totals(baseline_nano=10**9, billed_nano=2 * 10**8)
+    svg = spend_chart([(start, quiet), (start + HOUR, busy)], HOUR)
+    billed = re.search(f'points="([^"]+)" fill="none" stroke="{_BILLED}"', svg)
+    assert billed is not None
+    ys = [float(point.split(",")[1]) for point in billed.group(1).split()]
+    assert len(ys) == 3 and ys[0] == ys[1] > ys[2]  # 13:00 and 14:00 at zero, 15:00 above
+    assert ">13:00<" in svg and ">15:00<" in svg

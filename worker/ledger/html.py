@@ -102,17 +102,23 @@ def _legend(items: Sequence[tuple[str, str, bool]], x: float, y: float) -> str:
 
 
 def spend_chart(series: Sequence[tuple[float, Totals]], bucket_s: int) -> str:
-    """Cumulative billed and baseline USD over time, the saved gap shaded."""
+    """Cumulative billed and baseline USD over time, the saved gap shaded.
+
+    Each point is the total at the end of its bucket, from zero at the first bucket's start,
+    so spend never shows before the hour (or day) it happened in.
+    """
     height, left, right, top, bottom = 340, 78, 24, 66, 56
     plot_w, plot_h = WIDTH - left - right, height - top - bottom
-    billed: list[float] = []
-    baseline: list[float] = []
+    times = [start for start, _ in series[:1]] + [start + bucket_s for start, _ in series]
+    billed, baseline = [0.0], [0.0]
     for _, totals in series:
-        billed.append((billed[-1] if billed else 0.0) + totals.billed_usd)
-        baseline.append((baseline[-1] if baseline else 0.0) + totals.baseline_usd)
+        billed.append(billed[-1] + totals.billed_usd)
+        baseline.append(baseline[-1] + totals.baseline_usd)
+    if not series:
+        billed, baseline = [], []
     ticks = nice_ticks(max([*baseline, *billed, 0.0]))
     top_value = ticks[-1]
-    n = len(series)
+    n = len(times)
 
     def px(i: int) -> float:
         return left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
@@ -139,16 +145,16 @@ def spend_chart(series: Sequence[tuple[float, Totals]], bucket_s: int) -> str:
             f'<line x1="{left}" y1="{y:.1f}" x2="{WIDTH - right}" y2="{y:.1f}" stroke="#e5e7eb"/>'
         )
         out.append(_text(left - 8, y + 4, tick_label(value, ticks[1]), anchor="end"))
-    span = (series[-1][0] - series[0][0]) if n else 0.0
+    span = (times[-1] - times[0]) if n else 0.0
     label_every = max(1, math.ceil(n / 8))
-    for i, (start, _) in enumerate(series):
+    for i, when in enumerate(times):
         if i % label_every == 0 or i == n - 1:
             x = px(i)
             out.append(
                 f'<line x1="{x:.1f}" y1="{top + plot_h}" x2="{x:.1f}" '
                 f'y2="{top + plot_h + 5}" stroke="#374151"/>'
             )
-            out.append(_text(x, top + plot_h + 20, _time_label(start, bucket_s, span)))
+            out.append(_text(x, top + plot_h + 20, _time_label(when, bucket_s, span)))
     out.append(_text(left + plot_w / 2, height - 10, "Time (UTC)", size=13))
     out.append(
         f'<line x1="{left}" y1="{top + plot_h}" x2="{WIDTH - right}" y2="{top + plot_h}" '
