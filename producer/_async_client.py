@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from ._cache_admin import CacheStats
 from ._core import Core, classify
-from ._exceptions import RequestTimeout
+from ._exceptions import CoalesceError, RequestTimeout
 from ._listener import Outcome, Signal
 from ._models import Answer, CacheOption, Request
 from ._relay import RelayItem, chunk_key, decode
@@ -223,6 +223,33 @@ class AsyncClient:
     async def submit_many(self, items: Iterable[Request | Mapping[str, Any]]) -> list[AsyncTicket]:
         """Validate every item first, so one bad item enqueues nothing; then enqueue all."""
         return await self._send(self._core.requests(items))
+
+    @overload
+    async def get_many(
+        self,
+        tickets: Iterable[AsyncTicket],
+        timeout: float | None = None,
+        *,
+        return_exceptions: Literal[False] = False,
+    ) -> list[Answer]: ...
+    @overload
+    async def get_many(
+        self,
+        tickets: Iterable[AsyncTicket],
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool,
+    ) -> list[Answer | CoalesceError]: ...
+    async def get_many(
+        self,
+        tickets: Iterable[AsyncTicket],
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Answer] | list[Answer | CoalesceError]:
+        """Like ``Client.get_many``: every answer in order, within one ``timeout`` for all."""
+        ids = [ticket.id for ticket in tickets]
+        return await self._core.wait_many(ids, timeout, return_exceptions=return_exceptions)
 
     async def cache_stats(
         self, *, tenant: str | None = None, namespace: str | None = None

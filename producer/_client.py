@@ -14,7 +14,7 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ._cache_admin import CacheStats
 from ._core import (
@@ -27,6 +27,7 @@ from ._core import (
     redact_url,
     send_request,
 )
+from ._exceptions import CoalesceError
 from ._listener import POLL_CAP_S, REREAD_S
 from ._models import Answer, CacheOption, Request
 from ._settings import Settings, get_settings
@@ -159,6 +160,31 @@ class Client:
     def submit_many(self, items: Iterable[Request | Mapping[str, Any]]) -> list[Ticket]:
         """Validate every item first, so one bad item enqueues nothing; then enqueue all."""
         return self._send(self._core.requests(items))
+
+    @overload
+    def get_many(
+        self,
+        tickets: Iterable[Ticket],
+        timeout: float | None = None,
+        *,
+        return_exceptions: Literal[False] = False,
+    ) -> list[Answer]: ...
+    @overload
+    def get_many(
+        self, tickets: Iterable[Ticket], timeout: float | None = None, *, return_exceptions: bool
+    ) -> list[Answer | CoalesceError]: ...
+    def get_many(
+        self,
+        tickets: Iterable[Ticket],
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Answer] | list[Answer | CoalesceError]:
+        """Every ticket's answer, in order, within one ``timeout`` for all: one subscription
+        and one read for the lot instead of a round trip or two each. The first failure is
+        raised unless ``return_exceptions``, which puts each failure in its ticket's place."""
+        ids = [ticket.id for ticket in tickets]
+        return self._call(self._core.wait_many(ids, timeout, return_exceptions=return_exceptions))
 
     def cache_stats(self, *, tenant: str | None = None, namespace: str | None = None) -> CacheStats:
         """Cache entries (of one tenant or namespace if given), hits, misses and cost saved."""

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -41,7 +41,13 @@ from . import _pending
 from ._budget import Budgets
 from ._cache_admin import CacheStats, clear_cache, read_cache_stats
 from ._celeryconf import TASK_NAME, celery_config, send_only_backend
-from ._exceptions import BrokerUnavailable, InvalidRequest, RequestFailed, RequestTimeout
+from ._exceptions import (
+    BrokerUnavailable,
+    CoalesceError,
+    InvalidRequest,
+    RequestFailed,
+    RequestTimeout,
+)
 from ._listener import Listener, Outcome
 from ._models import Answer, CacheOption, Request
 from ._settings import Settings
@@ -424,12 +430,42 @@ class Core:
             async with asyncio.timeout(timeout):
                 state, value = await listener.result(self.result_channel(task_id))
         except TimeoutError:
-            problem = listener.problem
-            outage = f" ({outage_text(problem, listener.url)})" if problem else ""
-            raise RequestTimeout(
-                f"no answer for request {task_id} within {timeout} s{outage}"
-            ) from None
+            raise self._timed_out(f"no answer for request {task_id}", timeout) from None
         return finish(task_id, state, value)
+
+    def _timed_out(self, what: str, timeout: float | None) -> RequestTimeout:
+        """``what`` within ``timeout`` s, with the Redis outage that explains it, if any."""
+        listener = self.listener
+        problem = listener.problem
+        outage = f" ({outage_text(problem, listener.url)})" if problem else ""
+        return RequestTimeout(f"{what} within {timeout} s{outage}")
+
+    async def wait_many(
+        self, task_ids: Sequence[str], timeout: float | None, *, return_exceptions: bool
+    ) -> list[Answer | CoalesceError]:
+        """Every answer, in order, within one ``timeout`` for all of them.
+
+        All waits start together, so the listener subscribes them in one command and reads
+        any already stored in one MGET per 500, instead of a round trip or two per request.
+        Without ``return_exceptions`` the first failure in order is raised once all are in.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                outcomes = await asyncio.gather(
+                    *(self.wait(task_id, None) for task_id in task_ids), return_exceptions=True
+                )
+        except TimeoutError:
+            what = f"not every answer of {len(task_ids)} requests"
+            raise self._timed_out(what, timeout) from None
+        results: list[Answer | CoalesceError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, CoalesceError):
+                if not return_exceptions:
+                    raise outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            results.append(outcome)
+        return results
 
     async def ready(self, task_id: str) -> bool:
         """Whether a result is stored; BrokerUnavailable if Redis cannot be asked."""
