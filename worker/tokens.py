@@ -15,22 +15,20 @@ def _encoding() -> Any:
     return tiktoken.get_encoding(ENCODING)
 
 
-# A request's texts are counted more than once (its window budget, its answer's share, its
-# ledger baseline) and one system prompt is shared by many requests: remember recent counts.
-# Bounded by entries and by text size, so memory stays a few MB at most.
-_MEMO_ENTRIES = 1024
-_MEMO_MAX_CHARS = 32_768
-
-
-@functools.lru_cache(maxsize=_MEMO_ENTRIES)
-def _count_memo(text: str) -> int:
+def _count(text: str) -> int:
     return len(_encoding().encode(text, disallowed_special=()))
 
 
+# A request's texts are counted more than once (its window budget, its answer's share, its
+# ledger baseline) and one system prompt is shared by many requests: remember recent counts,
+# at most 1,024 texts of up to 32k characters each (longer ones are counted every time).
+_MEMO_ENTRIES = 1024
+_MEMO_MAX_CHARS = 32_768
+_count_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_count)
+
+
 def count_tokens(text: str) -> int:
-    if len(text) > _MEMO_MAX_CHARS:
-        return len(_encoding().encode(text, disallowed_special=()))
-    return _count_memo(text)
+    return _count(text) if len(text) > _MEMO_MAX_CHARS else _count_memo(text)
 
 
 def truncate_tokens(text: str, limit: int) -> str:

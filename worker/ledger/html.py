@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from html import escape
+from itertools import accumulate
 
 from .store import Totals
 
@@ -109,13 +110,13 @@ def spend_chart(series: Sequence[tuple[float, Totals]], bucket_s: int) -> str:
     """
     height, left, right, top, bottom = 340, 78, 24, 66, 56
     plot_w, plot_h = WIDTH - left - right, height - top - bottom
-    times = [start for start, _ in series[:1]] + [start + bucket_s for start, _ in series]
-    billed, baseline = [0.0], [0.0]
-    for _, totals in series:
-        billed.append(billed[-1] + totals.billed_usd)
-        baseline.append(baseline[-1] + totals.baseline_usd)
-    if not series:
-        billed, baseline = [], []
+    times: list[float] = []
+    billed: list[float] = []
+    baseline: list[float] = []
+    if series:
+        times = [series[0][0], *(start + bucket_s for start, _ in series)]
+        billed = list(accumulate((t.billed_usd for _, t in series), initial=0.0))
+        baseline = list(accumulate((t.baseline_usd for _, t in series), initial=0.0))
     ticks = nice_ticks(max([*baseline, *billed, 0.0]))
     top_value = ticks[-1]
     n = len(times)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery.backends.base import BackendStoreError
-from celery.backends.redis import RedisBackend
+
+from producer._celeryconf import SendOnlyResults
 
 # KEYS: the result key. ARGV: the encoded meta, expiry in seconds (0: none).
 _STORE_LUA = """
@@ -33,8 +34,11 @@ return 1
 """
 
 
-class FinalResults(RedisBackend):  # type: ignore[misc]
-    """Select with ``result_backend = "worker.shared.results:FinalResults+redis://…"``."""
+class FinalResults(SendOnlyResults):
+    """Select with ``result_backend = "worker.shared.results:FinalResults+redis://…"``.
+
+    Send-only as well: the reaper re-sends requests from here, and nobody here waits on them.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,10 +64,6 @@ class FinalResults(RedisBackend):  # type: ignore[misc]
             )
         self.ensure(self._store_once, (self.get_key_for_task(task_id), value))
         return result
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        """No SUBSCRIBE when the reaper re-sends a request: nobody here waits on it."""
-        return None
 
     def _store_once(self, key: str, value: Any) -> None:
         if self._store_script is None:

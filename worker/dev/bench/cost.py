@@ -35,8 +35,9 @@ from ...tokens import count_tokens
 from ..fakellm import expected_answer
 from ..procs import start_worker, wait_for_workers
 from ..workload import WorkItem, cost_mix, support_policy
-from .common import Rig, fresh_tenant
+from .common import Rig, fresh_tenant, ms
 from .load import Run, paced
+from .meters import percentile
 
 Out = Callable[[str], object]
 TARGET_SHARE = 0.20  # billed at most this share of the baseline (issue 8)
@@ -291,7 +292,7 @@ def _print(results: Sequence[Measured], out: Out) -> None:
                 _pct(t.billed_usd, t.baseline_usd),
                 *(_pct(levers.get(name, 0.0), t.baseline_usd) for name in LEVERS),
                 str(t.upstream_calls),
-                *(f"{q * 1000:.0f}" for q in _quantiles(m.run.latencies(), (0.5, 0.99))),
+                *(ms(percentile(m.run.latencies(), q)) for q in (50, 99)),
                 str(m.failed),
                 str(m.wrong),
             ]
@@ -305,14 +306,6 @@ def _print(results: Sequence[Measured], out: Out) -> None:
     for m in results:
         out(_details(m))
     _verdict(results, out)
-
-
-def _quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
-    """Nearest-rank quantiles (NaN for no values)."""
-    ordered = sorted(values)
-    if not ordered:
-        return [float("nan")] * len(qs)
-    return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in qs]
 
 
 def _details(m: Measured) -> str:
