@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
+from celery import Celery
 
 from producer import Answer
 from worker.batching.grouping import SIZER, Sizer, SizerPolicy, read_sizer
@@ -77,6 +78,62 @@ async def test_settle_stores_the_answer_and_wakes_leader_and_followers(
     assert Outcome.load(follow.split(b"\n", 1)[1]).answer == ANSWER
     later = dedup.claim(key, "late:w:3", "inbox:c")
     assert later.role == "answer" and later.answer == ANSWER
+
+
+async def test_settle_stores_the_leaders_celery_result_and_says_so(
+    client: redis.Redis, aclient: aioredis.Redis, redis_url: str
+) -> None:
+    """The leader's caller hears its answer from the settle itself; followers store their own."""
+    resolved: dict[str, Outcome] = {}
+    settler = Settler(
+        aclient,
+        answer_ttl_s=60,
+        result_expires_s=600,
+        own_inbox="inbox:own",
+        resolve=lambda delivery, outcome: resolved.setdefault(delivery, outcome),
+    )
+    dedup = Dedup(client)
+    near, far = secrets.token_hex(8), secrets.token_hex(8)
+    dedup.claim(near, "near-task:w:1", "inbox:own")
+    dedup.claim(near, "follower-task:w:2", "inbox:own")
+    dedup.claim(far, "far-task:v:1", "inbox:far")
+    other = ANSWER.model_copy(update={"text": "It arrives on Monday."})
+    settlements = [
+        Settlement(near, "near-task:w:1", "inbox:own", Outcome(answer=ANSWER)),
+        Settlement(far, "far-task:v:1", "inbox:far", Outcome(answer=other)),
+    ]
+    assert await settler.settle(settlements) == 2
+    assert resolved["near-task:w:1"].result_stored
+    assert not resolved["follower-task:w:2"].result_stored  # a follower's answer is its own
+    assert client.get("celery-task-meta-follower-task") is None
+    (pushed,) = client.lrange("inbox:far", 0, -1)
+    assert pushed.startswith(b"far-task:v:1\n+")  # another process learns it was stored too
+    backend = Celery(backend=redis_url, set_as_current=False).backend
+    for task_id, answer in (("near-task", ANSWER), ("far-task", other)):
+        meta = backend.get_task_meta(task_id)
+        assert meta["status"] == "SUCCESS" and meta["task_id"] == task_id
+        assert meta["result"] == answer.model_dump()  # what the task itself returns
+        assert meta["date_done"] is not None
+        assert 0 < client.ttl(f"celery-task-meta-{task_id}") <= 600
+
+
+async def test_settle_never_overwrites_a_final_result(
+    client: redis.Redis, aclient: aioredis.Redis
+) -> None:
+    resolved: dict[str, Outcome] = {}
+    settler = Settler(
+        aclient,
+        answer_ttl_s=60,
+        own_inbox="inbox:own",
+        resolve=lambda delivery, outcome: resolved.setdefault(delivery, outcome),
+    )
+    key = secrets.token_hex(8)
+    Dedup(client).claim(key, "done-task:w:1", "inbox:own")
+    failure = b'{"status": "FAILURE", "result": {"exc_type": "UpstreamTimeout"}}'
+    client.set("celery-task-meta-done-task", failure)
+    await settler.settle([Settlement(key, "done-task:w:1", "inbox:own", Outcome(answer=ANSWER))])
+    assert client.get("celery-task-meta-done-task") == failure
+    assert not resolved["done-task:w:1"].result_stored  # so the task's own store decides
 
 
 async def test_settle_is_once_only_and_failures_are_not_kept(
@@ -289,5 +346,26 @@ def test_a_stored_result_is_final_and_published_once(redis_url: str) -> None:
     assert listener.get_message(timeout=0.2) is None  # the refused overwrite published nothing
     assert 0 < r.ttl(backend.get_key_for_task("final-1")) <= 86400
     listener.close()
+    r.close()
+    app.close()
+
+
+def test_a_task_whose_answer_the_settle_stored_skips_only_that_store(redis_url: str) -> None:
+    from celery import Celery
+
+    from worker.shared.results import stored_by_settle
+
+    app = Celery("results-skip-test", set_as_current=False)
+    app.conf.result_backend = f"worker.shared.results:FinalResults+{redis_url}"
+    backend = app.backend
+    r = redis.Redis.from_url(redis_url)
+    stored_by_settle("skip-1")
+    backend.store_result("skip-1", {"text": "already there"}, "SUCCESS")
+    assert r.get(backend.get_key_for_task("skip-1")) is None  # no second write, no round trip
+    backend.store_result("skip-2", {"text": "its own"}, "SUCCESS")  # the mark was for skip-1
+    assert backend.get_task_meta("skip-2", cache=False)["status"] == "SUCCESS"
+    stored_by_settle("skip-3")
+    backend.store_result("skip-3", RuntimeError("failed after all"), "FAILURE")  # never skipped
+    assert backend.get_task_meta("skip-3", cache=False)["status"] == "FAILURE"
     r.close()
     app.close()

@@ -76,13 +76,13 @@ def test_flower_sees_source_batch_and_cost_but_no_answer_text(
     fake = fake_llm()
     proc = workers(worker_env(fake.url))
     app = Celery("watch", broker=redis_url, set_as_current=False)
-    events: list[dict] = []
+    seen: list[dict] = []  # every event, as Flower receives them (batched: worker.consumer)
     ready = threading.Event()
     receivers: list = []
 
     def listen() -> None:
         with app.connection() as conn:
-            recv = app.events.Receiver(conn, handlers={"task-succeeded": events.append})
+            recv = app.events.Receiver(conn, handlers={"*": seen.append})
             receivers.append(recv)
             ready.set()
             while not recv.should_stop:
@@ -97,11 +97,16 @@ def test_flower_sees_source_batch_and_cost_but_no_answer_text(
     answers = [t.get(timeout=30) for t in client.submit_many(
         {"prompt": p, "model": MODEL} for p in prompts)]  # fmt: skip
     deadline = time.monotonic() + 20
-    while len(events) < 3 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        events = [e for e in seen if e["type"] == "task-succeeded"]
+        if len(events) == 3:
+            break
         time.sleep(0.1)
     receivers[0].should_stop = True
     listener.join(10)
     assert len(events) == 3
+    for kind in ("task-received", "task-started"):  # sent in batches, but every one arrives
+        assert {e["uuid"] for e in seen if e["type"] == kind} == {e["uuid"] for e in events}
     for event in events:
         assert "'source': 'batched'" in event["result"] and "cost_usd" in event["result"]
         assert "chars>" in event["result"]

@@ -41,6 +41,8 @@ app.conf.update(
         "ack_emulation": False,
     },
     worker_send_task_events=True,
+    # Task events go out in one publish per 50 ms instead of about one per two events.
+    worker_consumer="worker.consumer:BatchedEventsConsumer",
     task_track_started=False,
     worker_hijack_root_logger=False,
 )

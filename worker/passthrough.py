@@ -25,10 +25,10 @@ from producer._exceptions import UpstreamRejected
 from producer._relay import CHUNK_TTL_S, chunk_key, encode_chunk, encode_done
 
 from .batching.collector import Collector
-from .batching.sender import task_id_of
 from .batching.window import Item
 from .ledger.books import Books, Share, Usage
 from .shared.dedup import Outcome
+from .shared.inbox import task_id_of
 from .shared.redisconn import TRANSIENT
 from .shared.settle import Settlement
 from .tokens import count_tokens, messages_tokens

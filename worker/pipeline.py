@@ -22,7 +22,7 @@ from .batching.collector import Collector
 from .batching.entry import Entry
 from .batching.grouping import group_key
 from .batching.prompt import is_batch_safe
-from .batching.sender import batching_pays, new_batch_id, task_id_of
+from .batching.sender import batching_pays, new_batch_id
 from .batching.window import Item, Verdict
 from .cache.caches import Caches
 from .cache.policy import Plan
@@ -31,8 +31,9 @@ from .ledger.budgets import BudgetKeeper
 from .metrics.encode import observe_status
 from .passthrough import Passthrough
 from .shared.dedup import Dedup, Outcome
-from .shared.inbox import Inbox
+from .shared.inbox import Inbox, task_id_of
 from .shared.redisconn import retry_sync, sync_client
+from .shared.results import stored_by_settle
 from .shared.settle import Settlement
 from .tokens import count_tokens
 from .upstream import RetryPolicy, Upstream
@@ -161,7 +162,11 @@ class Pipeline:
                 continue  # lost the claim, or the leader vanished: look again
             if outcome.answer is None:
                 raise _error(outcome, follower=not leader)
-            return outcome.answer if leader else self._shared(request, outcome.answer)
+            if not leader:
+                return self._shared(request, outcome.answer)
+            if outcome.result_stored:
+                stored_by_settle(task_id_of(delivery))
+            return outcome.answer
 
     def _pays(self, request: Request) -> bool:
         """With COALESCE_BATCH_ONLY_IF_CHEAPER: batch only where a full batch costs less."""

@@ -113,6 +113,7 @@ class Collector:
         self.settler = Settler(
             self.aredis,
             answer_ttl_s=self.settings.dedup_ttl_s,
+            result_expires_s=self.settings.result_expires_s,
             own_inbox=self._own_inbox,
             resolve=self._resolve,
         )

@@ -29,6 +29,7 @@ from ..ledger.prices import Price
 from ..metrics.encode import observe_batch
 from ..pricing import split_prompt, split_total
 from ..shared.dedup import Outcome
+from ..shared.inbox import task_id_of
 from ..shared.redisconn import TRANSIENT, RedisUnavailable, retry_async
 from ..shared.settle import Settlement, Settler
 from ..shared.stats import Stats
@@ -462,8 +463,3 @@ def new_batch_id(worker_id: str) -> str:
 
 def _usage(completion: Completion) -> Usage:
     return Usage(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens)
-
-
-def task_id_of(delivery: str) -> str:
-    """The task id inside a delivery id (``<task id>:<worker>:<serial>``)."""
-    return delivery.rsplit(":", 2)[0]

@@ -19,6 +19,7 @@ Settling happens in :mod:`worker.shared.settle`, together with the leader's own 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,8 @@ from producer import Answer, UpstreamError
 from producer._keys import DEDUP_PREFIX
 
 PREFIX = DEDUP_PREFIX
+# How a stored outcome with an answer begins; the settle script cuts the answer out after it.
+ANSWER_PREFIX = '{"answer": '
 
 
 def answer_key(key: str) -> str:
@@ -103,6 +106,12 @@ class Outcome:
     answer: Answer | None = None
     error: str | None = None
     kind: str = "RequestFailed"
+    # Set when the settle script also stored the answer as the leading task's Celery result
+    # (worker.shared.results); never part of the stored outcome itself.
+    result_stored: bool = dataclasses.field(default=False, compare=False)
+
+    def with_result_stored(self) -> Outcome:
+        return dataclasses.replace(self, result_stored=True)
 
     @classmethod
     def failed(cls, exc: BaseException) -> Outcome:
@@ -112,7 +121,7 @@ class Outcome:
 
     def dump(self) -> str:
         if self.answer is not None:
-            return json.dumps({"answer": self.answer.model_dump()})
+            return f"{ANSWER_PREFIX}{json.dumps(self.answer.model_dump())}}}"
         return json.dumps({"error": self.error, "kind": self.kind})
 
     @classmethod

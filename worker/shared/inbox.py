@@ -27,6 +27,11 @@ BLOCK_S = 30
 POP_COUNT = 512
 
 
+def task_id_of(delivery: str) -> str:
+    """The task id inside a delivery id (``<task id>:<worker>:<serial>``)."""
+    return delivery.rsplit(":", 2)[0]
+
+
 class Inbox:
     """Routes outcomes pushed to this process's list to the futures of waiting deliveries."""
 
@@ -69,7 +74,7 @@ class Inbox:
         """Task ids with a delivery waiting here (a delivery is ``<task id>:<worker>:<n>``)."""
         with self._lock:
             deliveries = list(self._futures)
-        return {delivery.rsplit(":", 2)[0] for delivery in deliveries}
+        return {task_id_of(delivery) for delivery in deliveries}
 
     def resolve(self, delivery: str, outcome: Outcome) -> None:
         """Resolve a delivery of this process directly (its settler runs here too)."""
@@ -79,16 +84,18 @@ class Inbox:
             future.set_result(outcome)
 
     def deliver(self, message: bytes | str) -> None:
-        """Resolve the future a pushed ``<delivery>\\n<outcome>`` message is for, if it waits."""
+        """Resolve the future a pushed ``<delivery>\\n[+]<outcome>`` message is for, if it waits."""
         text = message.decode() if isinstance(message, bytes) else message
         delivery, _, payload = text.partition("\n")
         if delivery not in self._futures:
             return  # its thread gave up, or a second copy of a settled outcome: skip the parse
+        stored = payload.startswith("+")  # the settle script stored it as the task's result
         try:
-            outcome = Outcome.load(payload)
+            outcome = Outcome.load(payload[1:] if stored else payload)
         except (ValueError, KeyError) as exc:
             outcome = Outcome(error=f"unreadable outcome ({type(exc).__name__})")
-        self.resolve(delivery, outcome)
+            stored = False
+        self.resolve(delivery, outcome.with_result_stored() if stored else outcome)
 
     def _run(self) -> None:
         backoff: Backoff | None = None
