@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = Field(100.0, gt=0)
     dedup_ttl_s: float = Field(300.0, ge=0)
 
-    worker_concurrency: int = Field(256, ge=1)
+    worker_concurrency: int = Field(512, ge=1)
     result_expires_s: int = Field(86_400, ge=60)
     log_prompts: bool = False
 

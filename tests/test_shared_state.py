@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,8 +19,11 @@ from celery import Celery
 from producer import Answer
 from worker.batching.grouping import SIZER, Sizer, SizerPolicy, read_sizer
 from worker.batching.window import Item, Limits, Window
+from worker.dev.procs import free_port, start_redis
 from worker.shared.dedup import Dedup, Outcome
 from worker.shared.inbox import Inbox
+from worker.shared.redisconn import RedisUnavailable
+from worker.shared.scriptpipe import ScriptPipe
 from worker.shared.settle import LEASES, Settlement, Settler
 
 pytestmark = pytest.mark.integration
@@ -369,3 +375,53 @@ def test_a_task_whose_answer_the_settle_stored_skips_only_that_store(redis_url: 
     assert backend.get_task_meta("skip-3", cache=False)["status"] == "FAILURE"
     r.close()
     app.close()
+
+
+# -- task threads' script calls, pipelined on one loop -----------------------------------------
+
+_ECHO = "redis.call('INCR', KEYS[1]); return {ARGV[1], redis.call('GET', KEYS[1])}"
+
+
+@contextlib.contextmanager
+def script_pipe(url: str) -> Iterator[ScriptPipe]:
+    """A ScriptPipe on its own loop thread, as the collector runs it."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    aclient = aioredis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        yield ScriptPipe(aclient, loop, _ECHO, "echo test")
+    finally:
+        asyncio.run_coroutine_threadsafe(aclient.aclose(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_script_calls_from_many_threads_each_get_their_own_reply(
+    client: redis.Redis, redis_url: str
+) -> None:
+    client.script_flush()  # the pipe loads the script when Redis does not know it
+    counter = f"pipe-test:{secrets.token_hex(4)}"
+    with script_pipe(redis_url) as pipe, concurrent.futures.ThreadPoolExecutor(32) as pool:
+        deadline = time.monotonic() + 10
+        calls = [pool.submit(pipe.call, [counter], [f"thread {n}"], deadline) for n in range(200)]
+        replies = [c.result(timeout=20) for c in calls]
+    assert [r[0] for r in replies] == [f"thread {n}".encode() for n in range(200)]
+    assert sorted(int(r[1]) for r in replies) == list(range(1, 201))  # each ran exactly once
+
+
+def test_a_script_call_waits_out_a_redis_restart_and_gives_up_at_its_deadline() -> None:
+    port = free_port()
+    with script_pipe(f"redis://127.0.0.1:{port}/0") as pipe:
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="during echo test"):
+            pipe.call(["k"], ["early"], time.monotonic() + 0.5)  # nothing listens on the port
+        assert time.monotonic() - started < 3
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(pipe.call, ["k"], ["late"], time.monotonic() + 15)
+            time.sleep(0.8)  # Redis comes back while the call retries
+            server = start_redis(port)
+            try:
+                assert waiting.result(timeout=20) == [b"late", b"1"]
+            finally:
+                server.stop()

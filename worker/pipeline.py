@@ -10,7 +10,6 @@ deadline, so a Redis restart of a few seconds costs time, not the request.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import logging
 import threading
 import time
@@ -68,7 +67,12 @@ class Pipeline:
             resolve=self.inbox.resolve,
             waiting=lambda: self.inbox.waiting,
         )
-        self.entry = Entry(self.redis, self.collector.window, claim_ttl_ms=int(CLAIM_TTL_S * 1000))
+        self.entry = Entry(
+            self.collector.window,
+            self.collector.aredis,
+            self.collector.loop,
+            claim_ttl_ms=int(CLAIM_TTL_S * 1000),
+        )
         self.passthrough = Passthrough(settings, self.collector)
         self.caches = Caches(settings, self.redis, self.collector.stats.add_soon)
         log.info("coalesce worker %s ready", self.inbox.worker_id)
@@ -136,16 +140,15 @@ class Pipeline:
         enqueued = False
         looked = True  # count the exact-cache miss once, not on every look again
         while True:
-            enter = functools.partial(
-                self.entry.enter,
+            entered = self.entry.enter(
                 item,
                 group,
                 request.model,
                 new_batch_id(self.inbox.worker_id),
                 join=batchable and not enqueued,
                 plan=plan,
+                deadline=deadline,
             )
-            entered = retry_sync("dedup claim and window join", enter, deadline)
             if entered.answer is not None and entered.answer.answer is not None:
                 if entered.role == "cache":
                     return self.caches.exact_hit(request, entered.answer.answer)

@@ -138,6 +138,11 @@ class Collector:
             grouper=grouper,
         )
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The collector's event loop (runs on its own thread)."""
+        return self._loop
+
     # -- called from task threads ----------------------------------------------------------
     def send_single(self, item: Item) -> None:
         self._call_soon(self.sender.send_single(item))

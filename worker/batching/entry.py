@@ -1,20 +1,23 @@
 """A request's way in: the dedup claim and, for a leader, joining the shared window, in one call.
 
-One script round trip per request instead of two: it returns the stored answer, registers the
+One script call per request instead of two: it returns the stored answer, registers the
 request as a follower of an identical one in flight, or makes it the leader and adds it to its
-group's window (claiming the batch when the group is ready).
+group's window (claiming the batch when the group is ready). Task threads hand the call to the
+collector's loop, which sends the calls of many threads in one pipeline (ScriptPipe).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import redis
+import redis.asyncio as aioredis
 
 from ..cache.policy import Plan
 from ..shared.dedup import CLAIM_LUA, Outcome, answer_key, claim_key, plan_key, waiters_key
+from ..shared.scriptpipe import ScriptPipe
 from .window import HEAD_LUA, JOIN_LUA, Item, Verdict, Window, join_prelude, verdict, window_keys
 
 # KEYS: the six window keys, then answer, claim, waiters, the exact-cache key and the plan. ARGV:
@@ -72,16 +75,34 @@ class Entered:
 
 
 class Entry:
-    def __init__(self, client: redis.Redis, window: Window, *, claim_ttl_ms: int) -> None:
+    """Runs the entry script for task threads, through the collector loop's :class:`ScriptPipe`."""
+
+    def __init__(
+        self,
+        window: Window,
+        client: aioredis.Redis,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        claim_ttl_ms: int,
+    ) -> None:
         self.window = window
         self.claim_ttl_ms = claim_ttl_ms
-        self._script = client.register_script(_ENTER)
+        self._pipe = ScriptPipe(client, loop, _ENTER, "dedup claim and window join")
 
     def enter(
-        self, item: Item, group: str, model: str, batch_id: str, *, join: bool, plan: Plan
+        self,
+        item: Item,
+        group: str,
+        model: str,
+        batch_id: str,
+        *,
+        join: bool,
+        plan: Plan,
+        deadline: float,
     ) -> Entered:
         """Serve ``item`` from the exact cache, or claim its key for its delivery; if it leads
-        and ``join``, add it to the window. ``plan`` says which caches to read and write."""
+        and ``join``, add it to the window. ``plan`` says which caches to read and write.
+        Connection problems are retried until ``deadline`` (monotonic)."""
         keys = [
             *window_keys(group),
             answer_key(item.key),
@@ -102,7 +123,7 @@ class Entry:
             stored_as(plan),
             int(max(item.deadline - time.time(), 0) * 1000) + PLAN_MARGIN_MS,
         ]
-        reply = self._script(keys=keys, args=args)
+        reply = self._pipe.call(keys, args, deadline)
         role = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if role in ("answer", "cache"):
             return Entered("cache" if role == "cache" else "answer", answer=Outcome.load(reply[1]))

@@ -79,15 +79,22 @@ class Backoff:
         self.started = time.monotonic()
         self.attempt = 0
 
+    def delay_cap(self) -> float:
+        """The longest the next wait may be."""
+        return min(MAX_DELAY_S, BASE_DELAY_S * 2.0**self.attempt)
+
+    def unavailable(self, exc: BaseException) -> RedisUnavailable:
+        """The error for giving up: for how long, during what, and the last problem."""
+        waited = time.monotonic() - self.started
+        return RedisUnavailable(
+            f"Redis unavailable for {waited:.1f} s during {self.what} ({type(exc).__name__}: {exc})"
+        )
+
     def next_wait(self, exc: BaseException) -> float:
         """Seconds to wait before the next try; raises RedisUnavailable past the deadline."""
-        wait = random.uniform(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**self.attempt))
+        wait = random.uniform(0, self.delay_cap())
         if time.monotonic() + wait >= self.deadline:
-            waited = time.monotonic() - self.started
-            raise RedisUnavailable(
-                f"Redis unavailable for {waited:.1f} s during {self.what} "
-                f"({type(exc).__name__}: {exc})"
-            ) from None
+            raise self.unavailable(exc) from None
         if self.attempt == 0:
             log.warning("Redis call %s failed (%s); retrying", self.what, type(exc).__name__)
         self.attempt += 1
