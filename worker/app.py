@@ -8,7 +8,6 @@ because a task mostly waits for its batch: one slot per request in flight.
 from __future__ import annotations
 
 import gc
-import time
 from typing import Any
 
 from celery import Celery, signals
@@ -111,43 +110,6 @@ def _reuse_kombu_redis_clients() -> None:
 
 
 _reuse_kombu_redis_clients()
-
-EVENT_FLUSH_S = 0.05
-
-
-def _pace_event_flushes() -> None:
-    """Publish buffered task events at most every ``EVENT_FLUSH_S`` instead of every loop turn.
-
-    Celery buffers task events and flushes them on the consumer loop's next turn, which under
-    load is one publish (a JSON encode and a Redis round trip on the thread that takes in
-    every message) per one or two events. Pacing the flushes sends a few dozen per publish;
-    Flower sees them at most 50 ms later, and a full buffer (24 events) still goes at once.
-    """
-    from celery.worker.consumer.consumer import Consumer
-
-    flush_now: Any = Consumer._flush_events
-
-    def _flush_events(self: Any) -> None:
-        hub = self.hub
-        now = time.monotonic()
-        due = self.__dict__.get("_coalesce_events_due", 0.0)
-        if hub is None or now >= due:
-            self.__dict__["_coalesce_events_due"] = now + EVENT_FLUSH_S
-            flush_now(self)
-        elif not self.__dict__.get("_coalesce_events_timer"):
-            # Runs on the loop's own thread, so its timer heap is safe to touch here.
-            self.__dict__["_coalesce_events_timer"] = True
-            hub.call_later(due - now, _timer_fired, self)
-
-    def _timer_fired(consumer: Any) -> None:
-        consumer.__dict__["_coalesce_events_timer"] = False
-        consumer.__dict__["_coalesce_events_due"] = 0.0
-        flush_now(consumer)
-
-    setattr(Consumer, "_flush_events", _flush_events)  # noqa: B010
-
-
-_pace_event_flushes()
 
 
 @signals.worker_ready.connect

@@ -144,9 +144,10 @@ def run_pipeline_bench(*, requests: int, workers: int, plain_concurrency: int = 
         "Redis cmd/req: INFO commandstats calls over the run (includes every redis.call a Lua "
         "script makes).\nCPU ms/req: user+sys from /proc/<pid>/stat over the run; worker = "
         "the integration's worker processes and their children, producer = this process.\n"
-        "In (b) plain is bound by its calls (16 at a time x 400 ms, about 40/s) and this "
-        "pipeline by worker CPU, so (b)'s ratio moves with the host's speed: compare worker "
-        "cpu/req across runs."
+        "In (b) plain is bound by its calls (16 at a time x 400 ms, about 40/s); this "
+        "pipeline by the same 16 calls carrying up to MAX_BATCH questions each (so at most "
+        "16x) and by its worker's CPU, so (b)'s ratio moves with the host's speed: compare "
+        "worker cpu/req across runs."
     )
 
 
