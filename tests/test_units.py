@@ -375,3 +375,60 @@ def test_token_counts_are_remembered_within_bounds() -> None:
     info = tokens._count_memo.cache_info()
     assert info.hits >= 1 and info.maxsize == tokens._MEMO_ENTRIES
     assert len(huge) > tokens._MEMO_MAX_CHARS  # counted directly, never stored
+
+
+# -- task events, sent in batches (worker.consumer) ---------------------------------------------
+
+
+class _StubHub:
+    """Records what the consumer asks of Celery's event loop."""
+
+    def __init__(self) -> None:
+        self.soon: list[Any] = []
+        self.later: list[tuple[float, Any]] = []
+
+    def call_soon(self, callback: Any) -> None:
+        self.soon.append(callback)
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.later.append((delay, callback))
+
+
+def _events_consumer() -> tuple[Any, _StubHub, list[int]]:
+    from types import SimpleNamespace
+
+    from worker.consumer import BatchedEventsConsumer
+
+    consumer: Any = BatchedEventsConsumer.__new__(BatchedEventsConsumer)
+    hub, flushes = _StubHub(), []
+    consumer.hub = hub
+    consumer.event_dispatcher = SimpleNamespace(buffer_limit=24)
+    consumer._flush_events = lambda: flushes.append(1)
+    return consumer, hub, flushes
+
+
+def test_task_events_go_out_once_per_flush_interval_not_per_event() -> None:
+    from worker.consumer import EVENT_BUFFER_LIMIT, EVENT_FLUSH_S
+
+    consumer, hub, flushes = _events_consumer()
+    for _ in range(100):  # a hundred events from task threads: one wake-up of the loop
+        consumer.on_send_event_buffered()
+    assert len(hub.soon) == 1 and not flushes
+    hub.soon.pop()()  # on the loop: one timer, and the buffer may grow meanwhile
+    assert [delay for delay, _ in hub.later] == [EVENT_FLUSH_S]
+    assert consumer.event_dispatcher.buffer_limit == EVENT_BUFFER_LIMIT
+    hub.later.pop()[1]()
+    assert flushes == [1]
+    consumer.on_send_event_buffered()  # the next event arms the next flush
+    assert len(hub.soon) == 1
+
+
+def test_a_flush_lost_with_the_loops_timers_is_asked_for_again() -> None:
+    from worker.consumer import EVENT_FLUSH_LOST_S
+
+    consumer, hub, _ = _events_consumer()
+    consumer.on_send_event_buffered()
+    hub.soon.clear()  # a reconnect cleared the loop's callbacks and timers
+    consumer._armed_at -= EVENT_FLUSH_LOST_S + 0.1
+    consumer.on_send_event_buffered()
+    assert len(hub.soon) == 1

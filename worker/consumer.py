@@ -11,10 +11,12 @@ each event at most that much later; nothing is dropped, and shutdown sends what 
 from __future__ import annotations
 
 import threading
+import time
 
 from celery.worker.consumer import Consumer
 
 EVENT_FLUSH_S = 0.05
+EVENT_FLUSH_LOST_S = 2.0
 # A buffer this full is published at once, by whichever thread sent the event.
 EVENT_BUFFER_LIMIT = 512
 
@@ -22,16 +24,19 @@ EVENT_BUFFER_LIMIT = 512
 class BatchedEventsConsumer(Consumer):  # type: ignore[misc]
     """Select with ``worker_consumer = "worker.consumer:BatchedEventsConsumer"``."""
 
-    _flush_armed = False
+    _armed_at: float | None = None  # monotonic time the pending flush was asked for
     _arm_lock = threading.Lock()
 
     def on_send_event_buffered(self) -> None:
         if not self.hub:
             return
+        now = time.monotonic()
         with self._arm_lock:
-            if self._flush_armed:
+            # A flush pending for much longer than its delay was lost with the loop's timers
+            # (a reconnect clears them): ask again rather than hold events until a full buffer.
+            if self._armed_at is not None and now - self._armed_at < EVENT_FLUSH_LOST_S:
                 return
-            self._flush_armed = True
+            self._armed_at = now
         self.hub.call_soon(self._arm_event_flush)
 
     def _arm_event_flush(self) -> None:
@@ -43,7 +48,7 @@ class BatchedEventsConsumer(Consumer):  # type: ignore[misc]
 
     def _flush_batched_events(self) -> None:
         with self._arm_lock:
-            self._flush_armed = False
+            self._armed_at = None
         self._flush_events()
 
     def shutdown(self) -> None:
