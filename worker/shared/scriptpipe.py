@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import threading
 import time
 from collections.abc import Sequence
@@ -43,8 +42,8 @@ class ScriptPipe:
     ) -> None:
         self._client = client
         self._loop = loop
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        # Registered like every other script here; its sha is what the pipeline calls.
+        self._script = client.register_script(script)
         self._what = what
         self._pending: list[_Call] = []
         self._lock = threading.Lock()
@@ -111,7 +110,7 @@ class ScriptPipe:
         """One pipeline for all; the script is loaded (once) if Redis does not know it."""
         replies = await self._pipeline(calls)
         if any(isinstance(r, NoScriptError) for r in replies):
-            await self._client.script_load(self._script)
+            await self._client.script_load(self._script.script)
             redo = [n for n, r in enumerate(replies) if isinstance(r, NoScriptError)]
             for n, reply in zip(redo, await self._pipeline([calls[n] for n in redo]), strict=True):
                 replies[n] = reply
@@ -120,6 +119,6 @@ class ScriptPipe:
     async def _pipeline(self, calls: list[_Call]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for c in calls:
-                pipe.evalsha(self._sha, len(c.keys), *c.keys, *c.args)
+                pipe.evalsha(self._script.sha, len(c.keys), *c.keys, *c.args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
